@@ -1,0 +1,60 @@
+"""Whole modules trained per adapter (peft's ``modules_to_save``), e.g. a classification head.
+
+The original module is kept frozen beside one trainable copy per adapter, so disabling or
+switching adapters gives back the original head exactly. The in-memory names
+(``original_module``, ``modules_to_save.<adapter>``) are peft's, which keeps the file-format
+mapping trivial.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+from torch import nn
+
+
+class TrainableCopy(nn.Module):
+    """Routes the forward to the active adapter's copy of ``original_module``."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        trained = copy.deepcopy(self.original_module)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = trained
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def set_active_adapters(self, names: Iterable[str]) -> None:
+        self.active_adapters = tuple(n for n in names if n in self.modules_to_save)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters())
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def forward(self, *args, **kwargs):
+        if self.adapters_disabled or not self.active_adapters:
+            return self.original_module(*args, **kwargs)
+        # Two active copies of one head cannot both answer; the first active adapter wins.
+        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code reads attributes of its head (``classifier.out_features``, ``.weight``).
+            return getattr(super().__getattr__("original_module"), name)

@@ -1,0 +1,250 @@
+"""LoRA and DoRA on any frozen linear layer, full-precision or bitsandbytes-quantized.
+
+One class, :class:`LoraLinear`, wraps the frozen ``base_layer`` (``nn.Linear``, GPT-2's ``Conv1D``,
+``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt``) and holds any number of named adapters::
+
+    y = base_layer(x) + sum over active adapters of  scaling * B(A(dropout(x)))
+
+With DoRA the adapted weight is renormalised row-wise to a learned magnitude ``m``:
+``W' = m * (W + s B A) / ||W + s B A||`` (norm detached, as in the paper, so no gradient flows
+through the norm). The merge logic sits next to the forward so the two cannot drift apart.
+
+Parameter names follow peft's in-memory layout (``lora_A.<adapter>.weight``), which keeps the
+translation to the PEFT file format a matter of dropping the adapter name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .quantization import dequantized_weight, is_quantized_linear, linear_shape, unpack_cpu_4bit
+
+LORA_DTYPE = torch.float32  # trainable weights stay fp32 whatever the compute dtype
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus named low-rank adapters; see the module docstring."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if is_quantized_linear(base_layer) and hasattr(base_layer.weight, "quant_state"):
+            unpack_cpu_4bit(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_shape(base_layer)
+        #: GPT-2's Conv1D stores its weight as (in, out); peft calls that fan_in_fan_out.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+        self.merged_adapters: list[str] = []
+        # A quantized base cannot take a delta in place; merge() swaps in a requantized copy
+        # and keeps the original here (outside the state dict) so unmerge() is exact.
+        self._unmerged_base: nn.Module | None = None
+
+    # -- the wrapped layer, seen from outside -------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    # -- adapters --------------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        init: str = "default",
+    ) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"LoRA adapter {name!r} already exists on this layer")
+        device = self._base_device()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=LORA_DTYPE)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=LORA_DTYPE)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self.r[name] = r
+        self._init_adapter(name, init)
+        if use_dora:
+            norm = self._dense_weight().norm(p=2, dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(LORA_DTYPE))
+
+    def _init_adapter(self, name: str, init: str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init == "default":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+                nn.init.zeros_(b)
+            elif init == "pissa":
+                self._init_pissa(name)
+            else:
+                raise ValueError(f"unknown LoRA init {init!r}")
+
+    def _init_pissa(self, name: str) -> None:
+        """Principal singular vectors into A/B, the residual into the base weight (PiSSA)."""
+        if is_quantized_linear(self.base_layer):
+            raise ValueError(
+                "init='pissa' rewrites the base weight, which a quantized base cannot take exactly; "
+                "use bits=None with PiSSA, or init='default' on a quantized model."
+            )
+        r, s = self.r[name], self.scaling[name]
+        weight = self._dense_weight()
+        u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = sigma[:r].sqrt() / math.sqrt(s)
+        self.lora_A[name].weight.copy_(root[:, None] * vh[:r])
+        self.lora_B[name].weight.copy_(u[:, :r] * root[None, :])
+        residual = weight - s * self.lora_B[name].weight @ self.lora_A[name].weight
+        self._write_dense_weight(residual)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def set_active_adapters(self, names: Iterable[str]) -> None:
+        if self.merged_adapters:
+            raise RuntimeError("unmerge() before changing the active adapters of a merged layer")
+        self.active_adapters = tuple(n for n in names if n in self.lora_A)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
+        self.scaling.pop(name, None)
+        self.r.pop(name, None)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.adapters_disabled or not self.active_adapters or self.merged_adapters:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            dropped = self.lora_dropout[name](x).to(lora_a.weight.dtype)
+            lora_out = lora_b(lora_a(dropped)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = self._dora_forward(name, x, dropped, result, lora_out)
+            else:
+                result = result + lora_out.to(out_dtype)
+        return result
+
+    def _dora_forward(
+        self, name: str, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor
+    ) -> torch.Tensor:
+        weight = self._dense_weight()
+        delta = self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+        norm = (weight + delta).norm(p=2, dim=1).detach()
+        mag_scale = self.lora_magnitude_vector[name] / norm
+        bias = self.base_layer.bias
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            base_no_bias = result if bias is None else result - bias
+        else:
+            base_no_bias = F.linear(dropped, weight.to(dropped.dtype))
+        out = result + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
+        return out.to(result.dtype)
+
+    # -- merging -------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` as an (out, in) float32 tensor."""
+        b, a = self.lora_B[name].weight, self.lora_A[name].weight
+        return (self.scaling[name] * (b.detach().float() @ a.detach().float())).to(torch.float32)
+
+    def merged_dense_weight(self, names: Sequence[str] | None = None) -> torch.Tensor:
+        """The dense (out, in) float32 weight that ``names`` (default: active) fold into."""
+        weight = self._dense_weight()
+        for name in self.active_adapters if names is None else names:
+            merged = weight + self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                magnitude = self.lora_magnitude_vector[name].detach().float()
+                merged = merged * (magnitude / merged.norm(p=2, dim=1))[:, None]
+            weight = merged
+        return weight
+
+    def merge(self) -> None:
+        """Fold the active adapters into the base weight; the forward then skips them."""
+        if self.merged_adapters or not self.active_adapters:
+            return
+        merged = self.merged_dense_weight()
+        if is_quantized_linear(self.base_layer):
+            from .quantization import requantized_like
+
+            self._unmerged_base = self.base_layer
+            self.base_layer = requantized_like(self.base_layer, merged)
+        else:
+            self._unmerged_base = None
+            self._original_weight = self.base_layer.weight.detach().clone()
+            self._write_dense_weight(merged)
+        self.merged_adapters = list(self.active_adapters)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` exactly (the original weight was kept)."""
+        if not self.merged_adapters:
+            return
+        if self._unmerged_base is not None:
+            self.base_layer = self._unmerged_base
+            self._unmerged_base = None
+        else:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._original_weight)
+            del self._original_weight
+        self.merged_adapters = []
+
+    def to_plain_layer(self, dtype: torch.dtype, names: Sequence[str] | None = None) -> nn.Module:
+        """A plain ``nn.Linear`` (or ``Conv1D``) with the adapters folded in, for merge_and_unload."""
+        weight = self.merged_dense_weight(names)
+        bias = self.base_layer.bias
+        conv1d = self.fan_in_fan_out or getattr(self.base_layer, "hf_peft_plugin_was_conv1d", False)
+        device = weight.device
+        if conv1d:
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(weight.t().contiguous().to(device, dtype), requires_grad=False)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+            layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
+        elif conv1d:
+            layer.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype), requires_grad=False)
+        return layer
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _base_device(self) -> torch.device:
+        return self.base_layer.weight.device
+
+    def _dense_weight(self) -> torch.Tensor:
+        return dequantized_weight(self.base_layer, torch.float32)
+
+    def _write_dense_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        with torch.no_grad():
+            target.copy_((weight.t() if self.fan_in_fan_out else weight).to(target.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={list(self.active_adapters)}"

@@ -1,0 +1,319 @@
+"""``prepare_model`` and the model-level adapter API (add, activate, disable, delete, report)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .artifacts import make_adapter_aware
+from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
+from .errors import AdapterNameError, AlreadyPreparedError, ConfigError
+from .quantization import (
+    Footprint,
+    check_bitsandbytes_for,
+    default_compute_dtype,
+    footprint,
+    is_quantized_linear,
+    load_quantized_model,
+    quantize_model,
+    unpack_cpu_4bit,
+)
+from .state import TASK_AUTO_CLASSES, AdapterState, adapter_state, infer_task_type, require_state
+from .targeting import adapter_layers, attach_adapter_set
+
+_VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def validate_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _VALID_NAME.match(name) or ".." in name:
+        raise AdapterNameError(
+            f"Adapter name {name!r} is not allowed: use letters, digits, '_', '-' or '.', with no path "
+            "separators and no '..' (the name becomes a folder name when saved)."
+        )
+
+
+def prepare_model(
+    model_or_path: nn.Module | str | os.PathLike,
+    *,
+    bits: int | None = 4,
+    lora: LoraConfig | None = None,
+    prompt: PromptTuningConfig | None = None,
+    bottleneck: BottleneckConfig | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    keep_full_precision: Sequence[str] = (),
+    quant_storage: torch.dtype = torch.uint8,
+    gradient_checkpointing: bool = False,
+    adapter_name: str = "default",
+    task_type: str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Quantize the frozen backbone and attach trainable adapters; returns the same transformers model.
+
+    ``model_or_path`` is a loaded full-precision model (its linear layers are quantized one at a
+    time), a model transformers already loaded with a ``BitsAndBytesConfig`` (kept as is), or a
+    local path / Hub id (quantized while the weights stream in; ``from_pretrained_kwargs`` such as
+    ``num_labels`` or ``revision`` are passed on). With no adapter config, LoRA with
+    :class:`LoraConfig` defaults is attached.
+
+    Example::
+
+        model = prepare_model("HuggingFaceTB/SmolLM2-135M", bits=4, lora=LoraConfig(r=16, alpha=32))
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[AdapterCallback()]).train()
+    """
+    quant = QuantizationConfig(
+        bits=bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        quant_storage=quant_storage,
+        keep_full_precision=keep_full_precision,
+    )
+    validate_adapter_name(adapter_name)
+    if task_type is not None and task_type not in TASK_AUTO_CLASSES:
+        raise ConfigError(f"task_type must be one of {sorted(TASK_AUTO_CLASSES)}; got {task_type!r}.")
+    if lora is None and prompt is None and bottleneck is None:
+        lora = LoraConfig()
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, quant, dtype = _load(os.fspath(model_or_path), quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
+    elif isinstance(model_or_path, nn.Module):
+        if from_pretrained_kwargs:
+            raise TypeError(f"Unexpected arguments for an already loaded model: {sorted(from_pretrained_kwargs)}.")
+        model = model_or_path
+        if adapter_state(model) is not None:
+            raise AlreadyPreparedError(
+                "This model was already prepared (it carries adapters "
+                f"{list(require_state(model).adapters)}); preparing it twice would wrap layers twice. "
+                "Use add_adapter(model, name, ...) to add another adapter set."
+            )
+        model, quant, dtype = _quantize_loaded(model, quant)
+    else:
+        raise TypeError(
+            f"prepare_model takes a transformers model, a local path or a Hub id; got {type(model_or_path).__name__}."
+        )
+
+    task = task_type or infer_task_type(model)
+    _freeze_backbone(model, quantized=quant.bits is not None)
+    spec = attach_adapter_set(model, adapter_name, task_type=task, lora=lora, prompt=prompt, bottleneck=bottleneck)
+    state = AdapterState(
+        task_type=task,
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+        quantization=quant if quant.bits is not None else None,
+        compute_dtype=dtype,
+        adapters={adapter_name: spec},
+    )
+    make_adapter_aware(model, state)
+    set_active_adapters(model, [adapter_name])
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _load(
+    path: str, quant: QuantizationConfig, task_type: str, kwargs: dict[str, Any]
+) -> tuple[nn.Module, QuantizationConfig, torch.dtype]:
+    import transformers
+
+    auto_class = getattr(transformers, TASK_AUTO_CLASSES[task_type])
+    if torch.cuda.is_available():
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+    device = "cuda" if kwargs.get("device_map") not in (None, "cpu", {"": "cpu"}) else "cpu"
+    dtype = quant.compute_dtype or default_compute_dtype(device)
+    if quant.bits is not None:
+        check_bitsandbytes_for(device)
+    return load_quantized_model(path, quant, dtype, auto_class, **kwargs), quant, dtype
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _quantize_loaded(model: nn.Module, quant: QuantizationConfig) -> tuple[nn.Module, QuantizationConfig, torch.dtype]:
+    device = _model_device(model)
+    hf_quant = getattr(model, "hf_quantizer", None)
+    if hf_quant is not None or any(is_quantized_linear(m) for m in model.modules()):
+        return model, _described_quantization(model, quant), _existing_compute_dtype(model, device)
+    dtype = quant.compute_dtype or default_compute_dtype(device)
+    if quant.bits is not None:
+        check_bitsandbytes_for(device)
+        quantize_model(model, quant, dtype)
+    return model, quant, dtype
+
+
+def _described_quantization(model: nn.Module, fallback: QuantizationConfig) -> QuantizationConfig:
+    """The settings a model quantized elsewhere was quantized with (for cards and the planner)."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return fallback
+    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
+    bits = 4 if get("load_in_4bit", False) else 8 if get("load_in_8bit", False) else fallback.bits
+    storage = get("bnb_4bit_quant_storage", None)
+    return QuantizationConfig(
+        bits=bits,
+        quant_type=get("bnb_4bit_quant_type", "nf4") or "nf4",
+        double_quant=bool(get("bnb_4bit_use_double_quant", False)),
+        quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage or torch.uint8,
+        keep_full_precision=tuple(get("llm_int8_skip_modules", None) or ()),
+    )
+
+
+def _existing_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return default_compute_dtype(device)
+
+
+def _freeze_backbone(model: nn.Module, quantized: bool) -> None:
+    """Freeze every base parameter; on a quantized model upcast only the norms to fp32 (QLoRA).
+
+    Embeddings and the output head keep their dtype: upcasting them, as peft's
+    ``prepare_model_for_kbit_training`` does, can cost more memory than the quantization saved.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not quantized:
+        return
+    for module in model.modules():
+        if is_quantized_linear(module) and hasattr(module.weight, "quant_state"):
+            unpack_cpu_4bit(module)
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing, plus the input-grad hook a frozen embedding needs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+# -- named adapters ------------------------------------------------------------------------------
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    *,
+    lora: LoraConfig | None = None,
+    prompt: PromptTuningConfig | None = None,
+    bottleneck: BottleneckConfig | None = None,
+) -> None:
+    """Add another named adapter set to a prepared model (it starts inactive)."""
+    state = require_state(model)
+    validate_adapter_name(name)
+    if name in state.adapters:
+        raise AdapterNameError(f"An adapter named {name!r} already exists; pick another name or delete_adapter() it.")
+    state.adapters[name] = attach_adapter_set(
+        model, name, task_type=state.task_type, lora=lora, prompt=prompt, bottleneck=bottleneck
+    )
+    set_active_adapters(model, state.active)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(require_state(model).active)
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str], *, trainable: bool = True) -> None:
+    """Activate ``names`` (their outputs add up); only active adapters get ``requires_grad``."""
+    state = require_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
+    for _, layer in adapter_layers(model):
+        layer.set_active_adapters(names)
+        for adapter in layer.adapter_names():
+            for p in layer.adapter_parameters(adapter):
+                p.requires_grad_(trainable and adapter in names)
+    state.active = names
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    state = require_state(model)
+    if name not in state.adapters:
+        raise AdapterNameError(f"Unknown adapter {name!r}; this model has {list(state.adapters)}.")
+    for _, layer in adapter_layers(model):
+        layer.delete_adapter(name)
+    del state.adapters[name]
+    state.active = [n for n in state.active if n != name]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the model computes exactly what the (quantized) base model computes."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    previous = [layer.adapters_disabled for layer in layers]
+    for layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.adapters_disabled = was
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+    footprint: Footprint
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        fp = self.footprint
+        text = f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        if fp.quantized_weights:
+            text += (
+                f" || quantized: {fp.quantized_weights:,} weights in {fp.quantized_bytes / 2**20:.2f} MiB"
+                f" ({fp.bits_per_quantized_weight:.3f} bits/weight) + {fp.full_precision_bytes / 2**20:.2f} MiB unquantized"
+            )
+        else:
+            text += f" || size: {fp.total_bytes / 2**20:.2f} MiB"
+        return text
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """Trainable / total parameter counts (4-bit weights counted as weights, not packed bytes)."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if is_quantized_linear(module):
+            seen.add(id(module.weight))
+            total += module.in_features * module.out_features
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return TrainableReport(trainable=trainable, total=total, footprint=footprint(model))
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(trainable_parameters(model))

@@ -1,0 +1,321 @@
+"""Quantizing the frozen backbone with bitsandbytes, and reading quantized weights back.
+
+Two routes reach the same layers (``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt``):
+:func:`load_quantized_model` lets transformers quantize each weight while it streams from disk,
+so peak memory stays near the quantized footprint; :func:`quantize_model` converts an already
+loaded full-precision model one layer at a time, dropping each full-precision weight as it goes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import QuantizationConfig
+from .errors import QuantizationUnavailableError
+
+
+def _bnb():
+    try:
+        return importlib.import_module("bitsandbytes")
+    except Exception as exc:  # ImportError, or a broken native library
+        raise QuantizationUnavailableError(
+            f"4/8-bit quantization needs bitsandbytes, which could not be imported ({exc}). "
+            "Install it with `pip install 'bitsandbytes>=0.48'`, or pass bits=None to train LoRA "
+            "on the unquantized model."
+        ) from exc
+
+
+def default_compute_dtype(device: torch.device | str | None) -> torch.dtype:
+    """bf16 on GPUs that run it natively (fp16 on older ones), float32 elsewhere.
+
+    On CPUs float32 is the default even where AVX512-BF16 exists: torch's CPU bf16 kernels are
+    slow or missing on most consumer CPUs, and bitsandbytes' bf16 CPU path is inference-only.
+    Pass ``compute_dtype=torch.bfloat16`` to opt in.
+    """
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_bitsandbytes_for(device: torch.device | str) -> None:
+    """Fail early, with what to install, when bitsandbytes cannot serve ``device``."""
+    device = torch.device(device)
+    _bnb()
+    if device.type not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        raise QuantizationUnavailableError(
+            f"bitsandbytes has no backend for device type {device.type!r}. Move the model to a CUDA GPU or "
+            "the CPU first, or pass bits=None."
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QuantizationUnavailableError(
+            "The model is on CUDA but torch sees no CUDA device; install a CUDA build of torch and bitsandbytes."
+        )
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    bnb = _bnb_if_present()
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+@functools.lru_cache(maxsize=1)
+def _bnb_if_present():
+    try:
+        return importlib.import_module("bitsandbytes")
+    except Exception:
+        return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Linear layers LoRA can wrap: ``nn.Linear`` (incl. bnb's subclasses) and GPT-2's ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of any layer accepted by :func:`is_linear`."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's weight as a dense ``(out_features, in_features)`` tensor."""
+    if isinstance(module, Conv1D):
+        return module.weight.detach().t().to(dtype)
+    bnb = _bnb_if_present()
+    if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+        unpack_cpu_4bit(module)
+        weight = module.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
+        weight = module.weight
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scb).to(dtype)
+    return module.weight.detach().to(dtype)
+
+
+def unpack_cpu_4bit(layer: nn.Module) -> None:
+    """Keep a 4-bit layer in bitsandbytes' standard layout, and stop it from leaving it.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight for a fast kernel the first time it
+    runs in eval mode without grad. That kernel has no autograd, so a later training step would
+    silently stop gradients at every such layer (an evaluation before training is enough to
+    trigger it), and the repacked weight no longer dequantizes. Adapter training needs neither.
+    """
+    layer.support_avx512bf16_for_cpu = False
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        layer.quant_state = layer.weight.quant_state
+
+
+def _matches_any(path: str, names: tuple[str, ...]) -> bool:
+    return any(path == n or path.endswith("." + n) or path.startswith(n + ".") for n in names)
+
+
+def _quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for path, module in model.named_modules():
+        if not is_linear(module) or is_quantized_linear(module) or module is output_embeddings:
+            continue
+        if _matches_any(path, skip):
+            continue
+        yield path, module
+
+
+def quantized_layer(module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer holding ``module``'s weight; ``module`` keeps no reference to it."""
+    bnb = _bnb()
+    weight = module.weight.detach()
+    if isinstance(module, Conv1D):
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    device = weight.device
+    has_bias = module.bias is not None
+    if config.bits == 4:
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.quant_storage,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.contiguous(),
+            requires_grad=False,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.quant_storage,
+            module=layer,
+        ).to(device)
+        unpack_cpu_4bit(layer)
+    elif config.bits == 8:
+        layer = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=config.int8_threshold,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(
+            weight.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+    else:
+        raise ValueError(f"quantized_layer needs bits 4 or 8, got {config.bits!r}")
+    if has_bias:
+        layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
+    if isinstance(module, Conv1D):
+        layer.hf_peft_plugin_was_conv1d = True  # merge_and_unload rebuilds a Conv1D from it
+    layer.train(module.training)
+    return layer
+
+
+def requantized_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new bitsandbytes layer of ``layer``'s kind and settings holding the dense ``weight``."""
+    bnb = _bnb()
+    template = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    template.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if layer.bias is not None:
+        template.bias = layer.bias
+    if isinstance(layer, bnb.nn.Linear4bit):
+        w = layer.weight
+        config = QuantizationConfig(
+            bits=4, quant_type=w.quant_type, double_quant=w.compress_statistics, quant_storage=w.quant_storage
+        )
+        compute_dtype = layer.compute_dtype or torch.float32
+    else:
+        config = QuantizationConfig(bits=8, int8_threshold=layer.state.threshold)
+        compute_dtype = torch.float32
+    new = quantized_layer(template, config, compute_dtype)
+    if getattr(layer, "hf_peft_plugin_was_conv1d", False):
+        new.hf_peft_plugin_was_conv1d = True
+    return new
+
+
+def quantize_model(model: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> list[str]:
+    """Replace every quantizable linear layer in place; returns the paths replaced."""
+    replaced = []
+    for path, module in list(_quantizable_linears(model, config.skip_modules)):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, quantized_layer(module, config, compute_dtype))
+        # Drop the full-precision tensors now, not when the loop ends: peak stays at one layer.
+        module.weight = None
+        module.bias = None
+        replaced.append(path)
+    return replaced
+
+
+def bits_and_bytes_config(config: QuantizationConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=config.bits == 4,
+        load_in_8bit=config.bits == 8,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=config.quant_storage,
+        llm_int8_threshold=config.int8_threshold,
+        llm_int8_skip_modules=list(config.skip_modules),
+    )
+
+
+def load_quantized_model(
+    name_or_path: str, config: QuantizationConfig, compute_dtype: torch.dtype, auto_class: Any, **kwargs: Any
+) -> nn.Module:
+    """``auto_class.from_pretrained`` with the weights quantized as they stream in."""
+    if config.bits is not None:
+        _bnb()
+        kwargs["quantization_config"] = bits_and_bytes_config(config, compute_dtype)
+    kwargs.setdefault("dtype", compute_dtype)
+    return auto_class.from_pretrained(name_or_path, **kwargs)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes held by the model's parameters and buffers, split by how they are stored."""
+
+    quantized_bytes: int
+    quantized_weights: int
+    full_precision_bytes: int
+    trainable_bytes: int
+
+    @property
+    def bits_per_quantized_weight(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_weights if self.quantized_weights else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.full_precision_bytes
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _unique_bytes(tensors: list[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of tensors not counted yet (bitsandbytes shares lookup tables between layers)."""
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = t.data_ptr() if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += _tensor_bytes(t)
+    return total
+
+
+def _quant_state_tensors(state: Any) -> list[torch.Tensor | None]:
+    tensors = [state.absmax, getattr(state, "code", None), getattr(state, "offset", None)]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
+    return tensors
+
+
+def footprint(model: nn.Module) -> Footprint:
+    """Measured storage of the model, counting 4-bit quantization constants and 8-bit scales."""
+    bnb = _bnb_if_present()
+    quantized_bytes = quantized_weights = 0
+    seen: set[int] = set()
+    seen_storage: set[int] = set()
+    for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            seen.add(id(w))
+            quantized_bytes += _tensor_bytes(w.data) + _unique_bytes(_quant_state_tensors(w.quant_state), seen_storage)
+            quantized_weights += module.in_features * module.out_features
+        elif bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
+            w = module.weight
+            seen.add(id(w))
+            scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+            quantized_bytes += _tensor_bytes(w.data) + _tensor_bytes(scb)
+            quantized_weights += module.in_features * module.out_features
+    full = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        full += _tensor_bytes(p)
+        if p.requires_grad:
+            trainable += _tensor_bytes(p)
+    for b in model.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            full += _tensor_bytes(b)
+    return Footprint(quantized_bytes, quantized_weights, full, trainable)

@@ -1,0 +1,200 @@
+"""Which modules an adapter touches, and putting adapter layers in their place.
+
+Every module that carries adapters follows one small protocol, :class:`AdapterLayer`, so the
+model-level API (activate, disable, delete) never needs to know what kind of adapter it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+from torch import nn
+
+from .config import DEFAULT_KEEP_FULL_PRECISION, BottleneckConfig, LoraConfig, PromptTuningConfig
+from .errors import ConfigError, TargetModulesError
+from .heads import TrainableCopy
+from .lora import LoraLinear
+from .quantization import is_linear
+from .state import TASK_HEADS, AdapterSpec
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """What every adapter-bearing module offers to the model-level API."""
+
+    adapters_disabled: bool
+
+    def adapter_names(self) -> list[str]: ...
+
+    def set_active_adapters(self, names: Iterable[str]) -> None: ...
+
+    def delete_adapter(self, name: str) -> None: ...
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]: ...
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield path, module
+
+
+def _parent_and_child(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, child = _parent_and_child(model, path)
+    setattr(parent, child, new)
+
+
+def suffix_matches(path: str, names: Sequence[str]) -> bool:
+    """peft's list semantics: a name matches the module path itself or its last components."""
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def selector_matches(path: str, selector: str | Sequence[str]) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    return suffix_matches(path, selector)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Paths of output heads that 'all-linear' must leave alone."""
+    heads = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for path, module in model.named_modules():
+        if module is output or path.rpartition(".")[2] in DEFAULT_KEEP_FULL_PRECISION:
+            heads.add(path)
+    return heads
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Paths of every linear layer (incl. quantized ones and LoRA-wrapped ones)."""
+    paths = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            paths.append(path)
+        elif is_linear(module) and not _inside_adapter_layer(path, model):
+            paths.append(path)
+    return paths
+
+
+def _inside_adapter_layer(path: str, model: nn.Module) -> bool:
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (LoraLinear, TrainableCopy)):
+            return True
+    return False
+
+
+def lora_targets(model: nn.Module, config: LoraConfig, exclude: Sequence[str] = ()) -> list[str]:
+    """The module paths ``config`` adapts; raises :class:`TargetModulesError` when none match."""
+    candidates = linear_layers(model)
+    heads = _head_names(model)
+    if config.target_modules == "all-linear":
+        chosen = [p for p in candidates if p not in heads and not suffix_matches(p, exclude)]
+    else:
+        chosen = [p for p in candidates if selector_matches(p, config.target_modules)]
+        _reject_non_linear_matches(model, config.target_modules, chosen)
+    if config.exclude_modules is not None:
+        chosen = [p for p in chosen if not selector_matches(p, config.exclude_modules)]
+    if not chosen:
+        names = sorted({p.rpartition(".")[2] for p in candidates})
+        raise TargetModulesError(
+            f"LoraConfig.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matches no linear layer of {type(model).__name__}. Its linear layers are named: {names}. "
+            "Pass some of these names, a regex over full module paths, or 'all-linear'."
+        )
+    return chosen
+
+
+def _reject_non_linear_matches(model: nn.Module, selector: str | Sequence[str], chosen: list[str]) -> None:
+    chosen_set = set(chosen)
+    bad = [
+        f"{path} ({type(module).__name__})"
+        for path, module in model.named_modules()
+        if path
+        and path not in chosen_set
+        and selector_matches(path, selector)
+        and not _inside_adapter_layer(path, model)
+        and not isinstance(module, (LoraLinear, TrainableCopy))
+        and len(list(module.children())) == 0
+    ]
+    if bad and not chosen:
+        raise TargetModulesError(
+            f"LoraConfig.target_modules={selector!r} matches modules LoRA cannot wrap: {bad[:8]}. "
+            "LoRA wraps nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit/Linear8bitLt."
+        )
+
+
+def inject_lora(model: nn.Module, name: str, config: LoraConfig, paths: Sequence[str]) -> None:
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            replace_module(model, path, module)
+        module.add_adapter(
+            name,
+            r=config.rank_for(path),
+            scaling=config.scaling_for(path),
+            dropout=config.dropout,
+            use_dora=config.use_dora,
+            init=config.init,
+        )
+
+
+def head_paths(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Paths of the modules named by ``modules_to_save`` (suffix match, outermost only)."""
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if isinstance(module, TrainableCopy) and suffix_matches(path, names):
+            found.append(path)
+        elif suffix_matches(path, names) and not any(path.startswith(f + ".") for f in found):
+            if not _inside_adapter_layer(path, model):
+                found.append(path)
+    return found
+
+
+def inject_trainable_copies(model: nn.Module, name: str, names: Sequence[str]) -> list[str]:
+    paths = head_paths(model, names)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, TrainableCopy):
+            module = TrainableCopy(module)
+            replace_module(model, path, module)
+        module.add_adapter(name)
+    return paths
+
+
+def attach_adapter_set(
+    model: nn.Module,
+    name: str,
+    *,
+    task_type: str,
+    lora: LoraConfig | None = None,
+    prompt: PromptTuningConfig | None = None,
+    bottleneck: BottleneckConfig | None = None,
+) -> AdapterSpec:
+    """Add one named adapter set to ``model``. Every selection is resolved before anything is
+    modified, so a bad config leaves the model as it was."""
+    if lora is None and prompt is None and bottleneck is None:
+        raise ConfigError("An adapter needs at least one of lora=LoraConfig(...), prompt=..., bottleneck=....")
+    if lora is not None and lora.modules_to_save is not None:
+        head_names = tuple(lora.modules_to_save)
+    else:
+        head_names = TASK_HEADS.get(task_type, ())
+    targets = lora_targets(model, lora, exclude=head_names) if lora is not None else []
+    heads = head_paths(model, head_names)
+    if lora is not None and lora.modules_to_save and not heads:
+        raise TargetModulesError(
+            f"LoraConfig.modules_to_save={list(lora.modules_to_save)} matches no module of {type(model).__name__}."
+        )
+    if lora is not None:
+        inject_lora(model, name, lora, targets)
+    inject_trainable_copies(model, name, head_names)
+    return AdapterSpec(
+        lora=lora, prompt=prompt, bottleneck=bottleneck, lora_targets=tuple(targets), modules_to_save=tuple(heads)
+    )

@@ -20,7 +20,7 @@ VOCAB = 128
 
 
 def _llama_like(config_cls, model_cls, **overrides):
-    config = config_cls(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -31,9 +31,8 @@ def _llama_like(config_cls, model_cls, **overrides):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
     )
-    return model_cls(config)
+    return model_cls(config_cls(**{**settings, **overrides}))
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

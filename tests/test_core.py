@@ -384,3 +384,48 @@ def test_package_imports_and_trains_with_peft_blocked():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("OK")
+
+
+# -- memory while loading -------------------------------------------------------------------------
+
+_PEAK_LOAD_SCRIPT = """
+import sys, threading, time
+sys.path.insert(0, "tests")
+def anon_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) / 1024
+peak, done = [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_mib())
+        time.sleep(0.001)
+from hf_peft_plugin import prepare_model, LoraConfig, trainable_parameters
+from tiny_models import tiny_llama
+prepare_model(tiny_llama(), bits=4)  # imports and one-off allocations happen outside the window
+before = anon_mib()
+threading.Thread(target=sample, daemon=True).start()
+model = prepare_model(sys.argv[1], bits=4, lora=LoraConfig(r=8))
+done.set()
+fp = trainable_parameters(model).footprint
+print(peak[0] - before, fp.total_bytes / 2**20)
+"""
+
+
+def test_loading_from_a_path_peaks_near_the_quantized_footprint(tmp_path):
+    """Anonymous (heap) memory, sampled every millisecond: safetensors pages are file-backed."""
+    model = tiny_llama(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=8, tie_word_embeddings=True,
+    )
+    full_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    model.save_pretrained(tmp_path / "base")
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_LOAD_SCRIPT, str(tmp_path / "base")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak_mib, footprint_mib = map(float, result.stdout.split()[-2:])
+    assert footprint_mib < 0.2 * full_mib
+    # Streaming quantization never holds the full-precision model: the peak is a fraction of it.
+    assert peak_mib < 0.5 * full_mib, (peak_mib, footprint_mib, full_mib)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .artifacts import make_adapter_aware
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
-from .errors import AdapterNameError, AlreadyPreparedError, ConfigError
+from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError
+from .lora import LoraLinear
+from .names import validate_adapter_name
 from .quantization import (
     Footprint,
     check_bitsandbytes_for,
@@ -24,18 +27,8 @@ from .quantization import (
     quantize_model,
     unpack_cpu_4bit,
 )
-from .state import TASK_AUTO_CLASSES, AdapterState, adapter_state, infer_task_type, require_state
-from .targeting import adapter_layers, attach_adapter_set
-
-_VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def validate_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not _VALID_NAME.match(name) or ".." in name:
-        raise AdapterNameError(
-            f"Adapter name {name!r} is not allowed: use letters, digits, '_', '-' or '.', with no path "
-            "separators and no '..' (the name becomes a folder name when saved)."
-        )
+from .state import TASK_AUTO_CLASSES, AdapterSpec, AdapterState, adapter_state, infer_task_type, require_state
+from .targeting import adapter_layers, apply_adapter_plan, attach_adapter_set, plan_adapter_set
 
 
 def prepare_model(
@@ -82,8 +75,11 @@ def prepare_model(
     if lora is None and prompt is None and bottleneck is None:
         lora = LoraConfig()
 
+    adapters = {"lora": lora, "prompt": prompt, "bottleneck": bottleneck}
     if isinstance(model_or_path, (str, os.PathLike)):
         model, quant, dtype = _load(os.fspath(model_or_path), quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
+        task = task_type or infer_task_type(model)
+        plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
     elif isinstance(model_or_path, nn.Module):
         if from_pretrained_kwargs:
             raise TypeError(f"Unexpected arguments for an already loaded model: {sorted(from_pretrained_kwargs)}.")
@@ -94,15 +90,17 @@ def prepare_model(
                 f"{list(require_state(model).adapters)}); preparing it twice would wrap layers twice. "
                 "Use add_adapter(model, name, ...) to add another adapter set."
             )
+        task = task_type or infer_task_type(model)
+        # Planned before quantizing: a bad adapter config must not leave the model quantized.
+        plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
         model, quant, dtype = _quantize_loaded(model, quant)
     else:
         raise TypeError(
             f"prepare_model takes a transformers model, a local path or a Hub id; got {type(model_or_path).__name__}."
         )
 
-    task = task_type or infer_task_type(model)
     _freeze_backbone(model, quantized=quant.bits is not None)
-    spec = attach_adapter_set(model, adapter_name, task_type=task, lora=lora, prompt=prompt, bottleneck=bottleneck)
+    spec = apply_adapter_plan(model, plan)
     state = AdapterState(
         task_type=task,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
@@ -239,6 +237,12 @@ def set_active_adapters(model: nn.Module, names: str | Sequence[str], *, trainab
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
+    prompted = [n for n in names if state.adapters[n].prompt is not None]
+    if len(prompted) > 1:
+        raise ConfigError(
+            f"Adapters {prompted} each carry a soft prompt, and only one soft prompt can be active at a time "
+            "(which would come first is not defined). Activate at most one of them."
+        )
     for _, layer in adapter_layers(model):
         layer.set_active_adapters(names)
         for adapter in layer.adapter_names():
@@ -269,6 +273,112 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, was in zip(layers, previous):
             layer.adapters_disabled = was
+
+
+# -- combining LoRA sets -------------------------------------------------------------------------
+
+
+def combine_lora(
+    model: nn.Module, weights: Mapping[str, float], name: str, *, method: Literal["cat", "linear"] = "cat"
+) -> None:
+    """Add adapter ``name`` (inactive) whose LoRA combines the adapters named in ``weights``.
+
+    ``method="cat"``: per layer ``A = [w1 s1 A1; w2 s2 A2; ...]``, ``B = [B1, B2, ...]`` (rank = the
+    sum of the ranks), so ``delta_W = sum_i w_i delta_W_i`` exactly: the weighted sum of the deltas.
+
+    ``method="linear"`` (peft's ``add_weighted_adapter(combination_type="linear")``): the A's and the
+    B's are each summed with weights ``sqrt(|w_i s_i|)`` (the sign goes on A) at the common rank. This
+    is NOT the weighted sum of the deltas: ``(sum_i c_i B_i)(sum_j c_j A_j)`` has cross terms
+    ``B_i A_j``; only for a single adapter is it ``w delta_W``. It needs equal ranks at every layer.
+
+    ``s_i`` is each adapter's scaling; the result has scaling 1. Sources must be LoRA-only (no DoRA,
+    prompt or bottleneck); a source's trained head copy (``modules_to_save``) is carried over, so at
+    most one source may have one.
+    """
+    state = require_state(model)
+    validate_adapter_name(name)
+    if name in state.adapters:
+        raise AdapterNameError(f"An adapter named {name!r} already exists; pick another name or delete_adapter() it.")
+    if method not in ("cat", "linear"):
+        raise ConfigError(f"combine_lora method must be 'cat' or 'linear'; got {method!r}.")
+    if not weights:
+        raise ConfigError("combine_lora needs the adapters to combine, e.g. weights={'a': 0.7, 'b': 0.3}.")
+    for source, weight in weights.items():
+        if source not in state.adapters:
+            raise AdapterNameError(f"Unknown adapter {source!r}; this model has {list(state.adapters)}.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"combine_lora weight for {source!r} must be a finite number; got {weight!r}.")
+        spec = state.adapters[source]
+        if spec.lora is None or spec.prompt is not None or spec.bottleneck is not None or spec.lora.use_dora:
+            raise ConfigError(
+                f"combine_lora combines plain LoRA adapters; {source!r} has {spec.methods}"
+                f"{' with DoRA' if spec.lora is not None and spec.lora.use_dora else ''}."
+            )
+    with_heads = [s for s in weights if state.adapters[s].modules_to_save]
+    if len(with_heads) > 1:
+        trained = list(state.adapters[with_heads[0]].modules_to_save)
+        raise ConfigError(
+            f"Adapters {with_heads} each train their own copy of {trained}; combine_lora cannot merge whole "
+            "modules. Combine adapters of which at most one has modules_to_save."
+        )
+    combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, layer in adapter_layers(model):
+        present = {s: w for s, w in weights.items() if isinstance(layer, LoraLinear) and s in layer.lora_A}
+        if not present:  # not a LoRA layer, or none of the sources adapts it
+            continue
+        if layer.merged_adapters:
+            raise MergeError(f"{path} has merged adapters {layer.merged_adapters}; unmerge them before combine_lora.")
+        combined[path] = _combined_lora(layer, present, method, path)
+
+    first = state.adapters[next(iter(weights))].lora
+    for path, (lora_a, lora_b) in combined.items():
+        layer = model.get_submodule(path)
+        layer.add_adapter(name, r=lora_a.shape[0], scaling=1.0, dropout=first.dropout)
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(lora_a)
+            layer.lora_B[name].weight.copy_(lora_b)
+    heads: tuple[str, ...] = ()
+    if with_heads:
+        heads = state.adapters[with_heads[0]].modules_to_save
+        for path in heads:
+            head = model.get_submodule(path)
+            head.add_adapter(name)
+            head.modules_to_save[name].load_state_dict(head.modules_to_save[with_heads[0]].state_dict())
+    ranks = {path: lora_a.shape[0] for path, (lora_a, _) in combined.items()}
+    r = max(ranks.values())
+    odd = {re.escape(path): rank for path, rank in ranks.items() if rank != r}
+    config = LoraConfig(
+        r=r,
+        alpha=float(r),  # alpha / r = 1: the weights and scalings are already folded into A
+        dropout=first.dropout,
+        target_modules=tuple(ranks),
+        rank_pattern=odd,
+        alpha_pattern={key: float(rank) for key, rank in odd.items()},
+        modules_to_save=state.adapters[with_heads[0]].lora.modules_to_save if with_heads else (),
+    )
+    state.adapters[name] = AdapterSpec(lora=config, lora_targets=tuple(ranks), modules_to_save=heads)
+    set_active_adapters(model, state.active)
+
+
+def _combined_lora(
+    layer: LoraLinear, weights: dict[str, float], method: str, path: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined ``(A, B)`` of one layer (see :func:`combine_lora`), in float32."""
+    a = {n: layer.lora_A[n].weight.detach().float() for n in weights}
+    b = {n: layer.lora_B[n].weight.detach().float() for n in weights}
+    if method == "cat":
+        lora_a = torch.cat([w * layer.scaling[n] * a[n] for n, w in weights.items()], dim=0)
+        return lora_a, torch.cat([b[n] for n in weights], dim=1)
+    ranks = {n: layer.r[n] for n in weights}
+    if len(set(ranks.values())) > 1:
+        raise ConfigError(
+            f"combine_lora(method='linear') needs equal ranks, but at {path} the ranks are {ranks}. "
+            "Use method='cat', which takes any ranks."
+        )
+    scaled = {n: w * layer.scaling[n] for n, w in weights.items()}
+    lora_a = sum(math.copysign(math.sqrt(abs(v)), v) * a[n] for n, v in scaled.items())
+    lora_b = sum(math.sqrt(abs(v)) * b[n] for n, v in scaled.items())
+    return lora_a, lora_b
 
 
 # -- reporting -----------------------------------------------------------------------------------

@@ -7,14 +7,18 @@ model-level API (activate, disable, delete) never needs to know what kind of ada
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import nn
 
+from .bottleneck import InsertionPoint, bottleneck_width, inject_bottlenecks, insertion_points
 from .config import DEFAULT_KEEP_FULL_PRECISION, BottleneckConfig, LoraConfig, PromptTuningConfig
 from .errors import ConfigError, TargetModulesError
 from .heads import TrainableCopy
 from .lora import LoraLinear
+from .prompt import check_prompt_supported, ensure_soft_prompt, initial_prompt, soft_prompt_of
 from .quantization import is_linear
 from .state import TASK_HEADS, AdapterSpec
 
@@ -83,9 +87,10 @@ def linear_layers(model: nn.Module) -> list[str]:
 
 
 def _inside_adapter_layer(path: str, model: nn.Module) -> bool:
+    """True for the parts of adapter layers: LoRA's base layer, a bottleneck's projections, ..."""
     parts = path.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (LoraLinear, TrainableCopy)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer):
             return True
     return False
 
@@ -169,6 +174,79 @@ def inject_trainable_copies(model: nn.Module, name: str, names: Sequence[str]) -
     return paths
 
 
+@dataclass
+class AdapterPlan:
+    """One adapter set with every selection resolved and validated, the model not yet touched."""
+
+    name: str
+    task_type: str
+    lora: LoraConfig | None = None
+    lora_targets: list[str] = field(default_factory=list)
+    head_names: tuple[str, ...] = ()
+    heads: list[str] = field(default_factory=list)
+    prompt: PromptTuningConfig | None = None
+    prompt_init: torch.Tensor | None = None
+    bottleneck: BottleneckConfig | None = None
+    bottleneck_points: list[InsertionPoint] = field(default_factory=list)
+    bottleneck_width: int = 0
+
+
+def plan_adapter_set(
+    model: nn.Module,
+    name: str,
+    *,
+    task_type: str,
+    lora: LoraConfig | None = None,
+    prompt: PromptTuningConfig | None = None,
+    bottleneck: BottleneckConfig | None = None,
+) -> AdapterPlan:
+    """Resolve what adding ``name`` would change; raises on any bad selection and changes nothing.
+
+    Planning only reads module paths and the input embeddings, so a plan made before quantizing
+    the model still applies afterwards.
+    """
+    if lora is None and prompt is None and bottleneck is None:
+        raise ConfigError("An adapter needs at least one of lora=LoraConfig(...), prompt=..., bottleneck=....")
+    if lora is not None and lora.modules_to_save is not None:
+        head_names = tuple(lora.modules_to_save)
+    else:
+        head_names = TASK_HEADS.get(task_type, ())
+    plan = AdapterPlan(
+        name=name, task_type=task_type, lora=lora, prompt=prompt, bottleneck=bottleneck, head_names=head_names
+    )
+    plan.lora_targets = lora_targets(model, lora, exclude=head_names) if lora is not None else []
+    plan.heads = head_paths(model, head_names)
+    if lora is not None and lora.modules_to_save and not plan.heads:
+        raise TargetModulesError(
+            f"LoraConfig.modules_to_save={list(lora.modules_to_save)} matches no module of {type(model).__name__}."
+        )
+    if prompt is not None:
+        check_prompt_supported(model, task_type, prompt)
+        soft_prompt_of(model)  # raises if the attribute is taken by something else
+        plan.prompt_init = initial_prompt(prompt, model.get_input_embeddings())
+    if bottleneck is not None:
+        plan.bottleneck_width = bottleneck_width(model, bottleneck)
+        plan.bottleneck_points = insertion_points(model, bottleneck)
+    return plan
+
+
+def apply_adapter_plan(model: nn.Module, plan: AdapterPlan) -> AdapterSpec:
+    if plan.lora is not None:
+        inject_lora(model, plan.name, plan.lora, plan.lora_targets)
+    inject_trainable_copies(model, plan.name, plan.head_names)
+    if plan.prompt is not None:
+        ensure_soft_prompt(model, plan.task_type).add_adapter(plan.name, plan.prompt_init)
+    if plan.bottleneck is not None:
+        inject_bottlenecks(model, plan.name, plan.bottleneck, plan.bottleneck_points, plan.bottleneck_width)
+    return AdapterSpec(
+        lora=plan.lora,
+        prompt=plan.prompt,
+        bottleneck=plan.bottleneck,
+        lora_targets=tuple(plan.lora_targets),
+        modules_to_save=tuple(plan.heads),
+    )
+
+
 def attach_adapter_set(
     model: nn.Module,
     name: str,
@@ -180,21 +258,5 @@ def attach_adapter_set(
 ) -> AdapterSpec:
     """Add one named adapter set to ``model``. Every selection is resolved before anything is
     modified, so a bad config leaves the model as it was."""
-    if lora is None and prompt is None and bottleneck is None:
-        raise ConfigError("An adapter needs at least one of lora=LoraConfig(...), prompt=..., bottleneck=....")
-    if lora is not None and lora.modules_to_save is not None:
-        head_names = tuple(lora.modules_to_save)
-    else:
-        head_names = TASK_HEADS.get(task_type, ())
-    targets = lora_targets(model, lora, exclude=head_names) if lora is not None else []
-    heads = head_paths(model, head_names)
-    if lora is not None and lora.modules_to_save and not heads:
-        raise TargetModulesError(
-            f"LoraConfig.modules_to_save={list(lora.modules_to_save)} matches no module of {type(model).__name__}."
-        )
-    if lora is not None:
-        inject_lora(model, name, lora, targets)
-    inject_trainable_copies(model, name, head_names)
-    return AdapterSpec(
-        lora=lora, prompt=prompt, bottleneck=bottleneck, lora_targets=tuple(targets), modules_to_save=tuple(heads)
-    )
+    plan = plan_adapter_set(model, name, task_type=task_type, lora=lora, prompt=prompt, bottleneck=bottleneck)
+    return apply_adapter_plan(model, plan)

@@ -13,9 +13,14 @@ from .errors import (
     QuantizationUnavailableError,
     TargetModulesError,
 )
+from .artifacts import load_adapter, merge_adapters, merge_and_unload, save_adapter, unmerge_adapters
+from .callback import AdapterCallback
+from .hub import push_adapter_to_hub
+from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (
     active_adapters,
     add_adapter,
+    combine_lora,
     delete_adapter,
     disable_adapters,
     prepare_model,
@@ -27,6 +32,7 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCallback",
     "AdapterLoadError",
     "AdapterNameError",
     "AlreadyPreparedError",
@@ -36,6 +42,8 @@ __all__ = [
     "HubPushError",
     "LoraConfig",
     "MemoryBudgetError",
+    "MemoryEstimate",
+    "MemoryPlan",
     "MergeError",
     "PromptTuningConfig",
     "QuantizationConfig",
@@ -43,10 +51,19 @@ __all__ = [
     "TargetModulesError",
     "active_adapters",
     "add_adapter",
+    "combine_lora",
     "delete_adapter",
     "disable_adapters",
+    "estimate_memory",
+    "load_adapter",
+    "merge_adapters",
+    "merge_and_unload",
+    "plan_for_memory",
     "prepare_model",
     "print_trainable_parameters",
+    "push_adapter_to_hub",
+    "save_adapter",
     "set_active_adapters",
     "trainable_parameters",
+    "unmerge_adapters",
 ]

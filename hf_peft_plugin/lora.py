@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .quantization import dequantized_weight, is_quantized_linear, linear_shape, unpack_cpu_4bit
+from .quantization import dequantized_weight, is_quantized_linear, linear_shape, requantized_like, unpack_cpu_4bit
 
 LORA_DTYPE = torch.float32  # trainable weights stay fp32 whatever the compute dtype
 
@@ -192,8 +192,6 @@ class LoraLinear(nn.Module):
             return
         merged = self.merged_dense_weight()
         if is_quantized_linear(self.base_layer):
-            from .quantization import requantized_like
-
             self._unmerged_base = self.base_layer
             self.base_layer = requantized_like(self.base_layer, merged)
         else:
@@ -216,22 +214,14 @@ class LoraLinear(nn.Module):
         self.merged_adapters = []
 
     def to_plain_layer(self, dtype: torch.dtype, names: Sequence[str] | None = None) -> nn.Module:
-        """A plain ``nn.Linear`` (or ``Conv1D``) with the adapters folded in, for merge_and_unload."""
+        """A plain ``nn.Linear`` (or ``Conv1D``) with the adapters folded in, for merge_and_unload.
+
+        A merged layer is unmerged first, so the fold starts from the exact original weight
+        (folding on top of a requantized merge would add the delta twice and the rounding once).
+        """
+        self.unmerge()
         weight = self.merged_dense_weight(names)
-        bias = self.base_layer.bias
-        conv1d = self.fan_in_fan_out or getattr(self.base_layer, "hf_peft_plugin_was_conv1d", False)
-        device = weight.device
-        if conv1d:
-            layer = Conv1D(self.out_features, self.in_features)
-            layer.weight = nn.Parameter(weight.t().contiguous().to(device, dtype), requires_grad=False)
-        else:
-            layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
-            layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
-        elif conv1d:
-            layer.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype), requires_grad=False)
-        return layer
+        return plain_linear(weight, self.base_layer.bias, conv1d=was_conv1d(self.base_layer), dtype=dtype)
 
     # -- helpers -------------------------------------------------------------------------------
     def _base_device(self) -> torch.device:
@@ -248,3 +238,31 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={list(self.active_adapters)}"
+
+
+def was_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``, or a bitsandbytes layer quantized from one (here or by transformers,
+    which records ``source_cls``): its checkpoint stores the weight transposed."""
+    source = getattr(layer, "source_cls", None)
+    return (
+        isinstance(layer, Conv1D)
+        or getattr(layer, "hf_peft_plugin_was_conv1d", False)
+        or (isinstance(source, type) and issubclass(source, Conv1D))
+    )
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, *, conv1d: bool, dtype: torch.dtype) -> nn.Module:
+    """A frozen ``nn.Linear`` (or ``Conv1D`` when ``conv1d``) holding the dense ``(out, in)`` ``weight``."""
+    out_features, in_features = weight.shape
+    device = weight.device
+    with torch.device("meta"):  # no throw-away random init of a full-size weight
+        if conv1d:
+            layer = Conv1D(out_features, in_features)
+        else:
+            layer = nn.Linear(in_features, out_features, bias=bias is not None)
+    layer.weight = nn.Parameter((weight.t().contiguous() if conv1d else weight).to(device, dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
+    elif conv1d:
+        layer.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+    return layer

@@ -122,7 +122,9 @@ def _matches_any(path: str, names: tuple[str, ...]) -> bool:
     return any(path == n or path.endswith("." + n) or path.startswith(n + ".") for n in names)
 
 
-def _quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """The linear layers :func:`quantize_model` replaces: not yet quantized, not the output
+    embeddings, not matched by ``skip``. The memory planner counts the same ones on a meta model."""
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for path, module in model.named_modules():
         if not is_linear(module) or is_quantized_linear(module) or module is output_embeddings:
@@ -208,7 +210,7 @@ def requantized_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
 def quantize_model(model: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> list[str]:
     """Replace every quantizable linear layer in place; returns the paths replaced."""
     replaced = []
-    for path, module in list(_quantizable_linears(model, config.skip_modules)):
+    for path, module in list(quantizable_linears(model, config.skip_modules)):
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, quantized_layer(module, config, compute_dtype))

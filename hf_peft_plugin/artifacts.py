@@ -50,9 +50,25 @@ from .heads import TrainableCopy
 from .lora import LoraLinear, plain_linear, was_conv1d
 from .names import validate_adapter_name
 from .prompt import PROMPT_MODULE, SoftPrompt
-from .quantization import dequantized_weight, is_linear, is_quantized_linear, linear_shape, requantized_like
+from .quantization import (
+    adopt_or_quantize,
+    dequantized_weight,
+    freeze_backbone,
+    is_linear,
+    is_quantized_linear,
+    linear_shape,
+    requantized_like,
+)
 from .state import STATE_ATTRIBUTE, TASK_HEADS, AdapterState, adapter_state, infer_task_type, require_state
-from .targeting import AdapterPlan, adapter_layers, apply_adapter_plan, head_paths, plan_adapter_set, suffix_matches
+from .targeting import (
+    AdapterPlan,
+    activate_adapters,
+    adapter_layers,
+    apply_adapter_plan,
+    head_paths,
+    plan_adapter_set,
+    suffix_matches,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -949,15 +965,11 @@ def _check_state_dict(
 
 
 def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_trainable: bool) -> None:
-    # Freezing, describing the quantization and activating are model.py's; it imports this module
-    # (for make_adapter_aware), hence the import here.
-    from . import model as api
-
     name = plan.adapters.name
     fresh = state is None
     if fresh:
-        model, quant, dtype = api._quantize_loaded(model, QuantizationConfig(bits=None))
-        api._freeze_backbone(model, quantized=quant.bits is not None)  # the same model prepare_model makes
+        model, quant, dtype = adopt_or_quantize(model, QuantizationConfig(bits=None))
+        freeze_backbone(model, quantized=quant.bits is not None)  # the same model prepare_model makes
     spec = apply_adapter_plan(model, plan.adapters)
     with torch.no_grad():
         for path, parts in plan.lora_weights.items():
@@ -982,10 +994,10 @@ def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_traina
             adapters={name: spec},
         )
         make_adapter_aware(model, state)
-        api.set_active_adapters(model, [name], trainable=is_trainable)
+        activate_adapters(model, state, [name], trainable=is_trainable)
     else:
         state.adapters[name] = spec
-        api.set_active_adapters(model, state.active)
+        activate_adapters(model, state, state.active)
     if not is_trainable:
         for _, layer in adapter_layers(model):
             if name in layer.adapter_names():

@@ -19,16 +19,16 @@ from .lora import LoraLinear
 from .names import validate_adapter_name
 from .quantization import (
     Footprint,
+    adopt_or_quantize,
     check_bitsandbytes_for,
     default_compute_dtype,
     footprint,
+    freeze_backbone,
     is_quantized_linear,
     load_quantized_model,
-    quantize_model,
-    unpack_cpu_4bit,
 )
 from .state import TASK_AUTO_CLASSES, AdapterSpec, AdapterState, adapter_state, infer_task_type, require_state
-from .targeting import adapter_layers, apply_adapter_plan, attach_adapter_set, plan_adapter_set
+from .targeting import activate_adapters, adapter_layers, apply_adapter_plan, attach_adapter_set, plan_adapter_set
 
 
 def prepare_model(
@@ -93,13 +93,13 @@ def prepare_model(
         task = task_type or infer_task_type(model)
         # Planned before quantizing: a bad adapter config must not leave the model quantized.
         plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
-        model, quant, dtype = _quantize_loaded(model, quant)
+        model, quant, dtype = adopt_or_quantize(model, quant)
     else:
         raise TypeError(
             f"prepare_model takes a transformers model, a local path or a Hub id; got {type(model_or_path).__name__}."
         )
 
-    _freeze_backbone(model, quantized=quant.bits is not None)
+    freeze_backbone(model, quantized=quant.bits is not None)
     spec = apply_adapter_plan(model, plan)
     state = AdapterState(
         task_type=task,
@@ -128,69 +128,6 @@ def _load(
     if quant.bits is not None:
         check_bitsandbytes_for(device)
     return load_quantized_model(path, quant, dtype, auto_class, **kwargs), quant, dtype
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _quantize_loaded(model: nn.Module, quant: QuantizationConfig) -> tuple[nn.Module, QuantizationConfig, torch.dtype]:
-    device = _model_device(model)
-    hf_quant = getattr(model, "hf_quantizer", None)
-    if hf_quant is not None or any(is_quantized_linear(m) for m in model.modules()):
-        return model, _described_quantization(model, quant), _existing_compute_dtype(model, device)
-    dtype = quant.compute_dtype or default_compute_dtype(device)
-    if quant.bits is not None:
-        check_bitsandbytes_for(device)
-        quantize_model(model, quant, dtype)
-    return model, quant, dtype
-
-
-def _described_quantization(model: nn.Module, fallback: QuantizationConfig) -> QuantizationConfig:
-    """The settings a model quantized elsewhere was quantized with (for cards and the planner)."""
-    qc = getattr(model.config, "quantization_config", None)
-    if qc is None:
-        return fallback
-    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
-    bits = 4 if get("load_in_4bit", False) else 8 if get("load_in_8bit", False) else fallback.bits
-    storage = get("bnb_4bit_quant_storage", None)
-    return QuantizationConfig(
-        bits=bits,
-        quant_type=get("bnb_4bit_quant_type", "nf4") or "nf4",
-        double_quant=bool(get("bnb_4bit_use_double_quant", False)),
-        quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage or torch.uint8,
-        keep_full_precision=tuple(get("llm_int8_skip_modules", None) or ()),
-    )
-
-
-def _existing_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
-    for module in model.modules():
-        dtype = getattr(module, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    return default_compute_dtype(device)
-
-
-def _freeze_backbone(model: nn.Module, quantized: bool) -> None:
-    """Freeze every base parameter; on a quantized model upcast only the norms to fp32 (QLoRA).
-
-    Embeddings and the output head keep their dtype: upcasting them, as peft's
-    ``prepare_model_for_kbit_training`` does, can cost more memory than the quantization saved.
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if not quantized:
-        return
-    for module in model.modules():
-        if is_quantized_linear(module) and hasattr(module.weight, "quant_state"):
-            unpack_cpu_4bit(module)
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -232,23 +169,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str], *, trainable: bool = True) -> None:
     """Activate ``names`` (their outputs add up); only active adapters get ``requires_grad``."""
-    state = require_state(model)
-    names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in state.adapters]
-    if unknown:
-        raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
-    prompted = [n for n in names if state.adapters[n].prompt is not None]
-    if len(prompted) > 1:
-        raise ConfigError(
-            f"Adapters {prompted} each carry a soft prompt, and only one soft prompt can be active at a time "
-            "(which would come first is not defined). Activate at most one of them."
-        )
-    for _, layer in adapter_layers(model):
-        layer.set_active_adapters(names)
-        for adapter in layer.adapter_names():
-            for p in layer.adapter_parameters(adapter):
-                p.requires_grad_(trainable and adapter in names)
-    state.active = names
+    activate_adapters(model, require_state(model), names, trainable=trainable)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -321,3 +321,67 @@ def footprint(model: nn.Module) -> Footprint:
             seen.add(id(b))
             full += _tensor_bytes(b)
     return Footprint(quantized_bytes, quantized_weights, full, trainable)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def adopt_or_quantize(model: nn.Module, quant: QuantizationConfig) -> tuple[nn.Module, QuantizationConfig, torch.dtype]:
+    """Quantize a full-precision model in place, or describe one that is quantized already."""
+    device = _model_device(model)
+    hf_quant = getattr(model, "hf_quantizer", None)
+    if hf_quant is not None or any(is_quantized_linear(m) for m in model.modules()):
+        return model, _described_quantization(model, quant), _existing_compute_dtype(model, device)
+    dtype = quant.compute_dtype or default_compute_dtype(device)
+    if quant.bits is not None:
+        check_bitsandbytes_for(device)
+        quantize_model(model, quant, dtype)
+    return model, quant, dtype
+
+
+def _described_quantization(model: nn.Module, fallback: QuantizationConfig) -> QuantizationConfig:
+    """The settings a model quantized elsewhere was quantized with (for cards and the planner)."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return fallback
+    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
+    bits = 4 if get("load_in_4bit", False) else 8 if get("load_in_8bit", False) else fallback.bits
+    storage = get("bnb_4bit_quant_storage", None)
+    return QuantizationConfig(
+        bits=bits,
+        quant_type=get("bnb_4bit_quant_type", "nf4") or "nf4",
+        double_quant=bool(get("bnb_4bit_use_double_quant", False)),
+        quant_storage=getattr(torch, storage) if isinstance(storage, str) else storage or torch.uint8,
+        keep_full_precision=tuple(get("llm_int8_skip_modules", None) or ()),
+    )
+
+
+def _existing_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return default_compute_dtype(device)
+
+
+def freeze_backbone(model: nn.Module, quantized: bool) -> None:
+    """Freeze every base parameter; on a quantized model upcast only the norms to fp32 (QLoRA).
+
+    Embeddings and the output head keep their dtype: upcasting them, as peft's
+    ``prepare_model_for_kbit_training`` does, can cost more memory than the quantization saved.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not quantized:
+        return
+    for module in model.modules():
+        if is_quantized_linear(module) and hasattr(module.weight, "quant_state"):
+            unpack_cpu_4bit(module)
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()

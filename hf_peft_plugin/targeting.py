@@ -15,12 +15,12 @@ from torch import nn
 
 from .bottleneck import InsertionPoint, bottleneck_width, inject_bottlenecks, insertion_points
 from .config import DEFAULT_KEEP_FULL_PRECISION, BottleneckConfig, LoraConfig, PromptTuningConfig
-from .errors import ConfigError, TargetModulesError
+from .errors import AdapterNameError, ConfigError, TargetModulesError
 from .heads import TrainableCopy
 from .lora import LoraLinear
 from .prompt import check_prompt_supported, ensure_soft_prompt, initial_prompt, soft_prompt_of
 from .quantization import is_linear
-from .state import TASK_HEADS, AdapterSpec
+from .state import TASK_HEADS, AdapterSpec, AdapterState
 
 
 @runtime_checkable
@@ -260,3 +260,23 @@ def attach_adapter_set(
     modified, so a bad config leaves the model as it was."""
     plan = plan_adapter_set(model, name, task_type=task_type, lora=lora, prompt=prompt, bottleneck=bottleneck)
     return apply_adapter_plan(model, plan)
+
+
+def activate_adapters(model: nn.Module, state: AdapterState, names: str | Sequence[str], *, trainable: bool = True) -> None:
+    """Route every adapter layer to ``names``; only their parameters get ``requires_grad``."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
+    prompted = [n for n in names if state.adapters[n].prompt is not None]
+    if len(prompted) > 1:
+        raise ConfigError(
+            f"Adapters {prompted} each carry a soft prompt, and only one soft prompt can be active at a time "
+            "(which would come first is not defined). Activate at most one of them."
+        )
+    for _, layer in adapter_layers(model):
+        layer.set_active_adapters(names)
+        for adapter in layer.adapter_names():
+            for p in layer.adapter_parameters(adapter):
+                p.requires_grad_(trainable and adapter in names)
+    state.active = names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -361,18 +362,29 @@ def test_wrong_argument_types():
 # -- no peft --------------------------------------------------------------------------------------
 
 
-def test_package_imports_and_trains_with_peft_blocked():
+def test_package_imports_and_trains_with_peft_absent():
+    """peft is installed here (interop tests use it); make it look uninstalled, and make any
+    attempt to import it fail loudly, then import and train."""
     code = textwrap.dedent(
         """
-        import sys, importlib.abc
+        import sys, importlib.abc, importlib.metadata, importlib.util
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "peft" or name.startswith("peft."):
                     raise ImportError("peft is blocked in this test")
         sys.meta_path.insert(0, Block())
+        real_find_spec, real_distribution = importlib.util.find_spec, importlib.metadata.distribution
+        def find_spec(name, *args, **kwargs):
+            return None if name == "peft" or name.startswith("peft.") else real_find_spec(name, *args, **kwargs)
+        def distribution(name):
+            if name == "peft":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real_distribution(name)
+        importlib.util.find_spec, importlib.metadata.distribution = find_spec, distribution
+        importlib.metadata.version = lambda name: distribution(name).version
         sys.path.insert(0, "tests")
         import hf_peft_plugin
-        from hf_peft_plugin import prepare_model, LoraConfig
+        from hf_peft_plugin import prepare_model, LoraConfig, AdapterCallback, save_adapter
         from tiny_models import tiny_llama, token_batch
         m = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4))
         ids = token_batch()
@@ -414,18 +426,24 @@ print(peak[0] - before, fp.total_bytes / 2**20)
 
 
 def test_loading_from_a_path_peaks_near_the_quantized_footprint(tmp_path):
-    """Anonymous (heap) memory, sampled every millisecond: safetensors pages are file-backed."""
+    """Anonymous (heap) memory, sampled every millisecond: safetensors pages are file-backed.
+
+    glibc is told to serve every allocation over 64 KiB by mmap and to trim on free, so RSS
+    follows the live tensors instead of what the allocator keeps cached (which varies run to run).
+    """
     model = tiny_llama(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=8, tie_word_embeddings=True,
     )
     full_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     model.save_pretrained(tmp_path / "base")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     result = subprocess.run(
-        [sys.executable, "-c", _PEAK_LOAD_SCRIPT, str(tmp_path / "base")], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _PEAK_LOAD_SCRIPT, str(tmp_path / "base")],
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     peak_mib, footprint_mib = map(float, result.stdout.split()[-2:])
     assert footprint_mib < 0.2 * full_mib
-    # Streaming quantization never holds the full-precision model: the peak is a fraction of it.
-    assert peak_mib < 0.5 * full_mib, (peak_mib, footprint_mib, full_mib)
+    # Streaming quantization never holds the full-precision model: measured 1.5x the footprint.
+    assert peak_mib < 2.0 * footprint_mib and peak_mib < 0.35 * full_mib, (peak_mib, footprint_mib, full_mib)

@@ -1,0 +1,332 @@
+"""``AdapterCallback``: what an unchanged ``transformers.Trainer`` needs to train a prepared model.
+
+Checkpoints. The model's ``save_pretrained`` (see :mod:`~hf_peft_plugin.artifacts`) already makes
+every ``checkpoint-N/`` hold the adapter files instead of base weights. The Trainer, though, only
+reloads adapters into peft's ``PeftModel``: for any other model, ``resume_from_checkpoint`` and
+``load_best_model_at_end`` look for ``model.safetensors`` and pass its tensors to
+``model.load_state_dict(..., strict=False)``. So ``on_save`` writes that file holding the
+*trainable* tensors only, under the model's own parameter names, plus a marker entry; a
+load-state-dict post-hook on the model drops the marker and the frozen base keys from the
+"missing keys" the Trainer would otherwise warn about. The Trainer then restores the adapter itself,
+at the points where it restores full models (before the optimizer state on resume; before
+``on_train_end`` for the best model), for LoRA, soft prompts and bottleneck adapters alike.
+``on_save`` runs after the Trainer's own checkpoint push, so the Trainer never uploads that file.
+
+Pushes (``push_to_hub="user/repo"``) are staged on the training thread (the adapter is written to a
+temporary folder, which takes as long as a checkpoint of it) and uploaded by one background thread.
+A push that has not started when a newer one arrives is dropped: only the latest state matters. A
+failed push is logged with its reason and training goes on. ``on_train_end`` pushes the final
+adapter (the best one with ``load_best_model_at_end``), waits for the uploads, and if the final
+push failed logs an error naming the folder that keeps the unpushed adapter; the error is also in
+:attr:`AdapterCallback.push_error`. It does not raise: ``trainer.train()`` returning lets the rest of
+the script (``save_model``, evaluation) run, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .artifacts import _write_atomically
+from .errors import ConfigError, HubPushError
+from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
+from .model import trainable_parameters
+from .state import require_state
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
+logger = logging.getLogger(__name__)
+
+HubStrategy = Literal["end", "every_save", "checkpoint"]
+HUB_STRATEGIES = ("end", "every_save", "checkpoint")
+
+#: transformers' SAFE_WEIGHTS_NAME: what ``Trainer._load_from_checkpoint``/``_load_best_model`` read.
+TRAINABLE_WEIGHTS_NAME = "model.safetensors"
+#: A 0-d entry of that file: it is adapter-only on purpose, the frozen base keys are not missing.
+TRAINABLE_ONLY_MARKER = "_hf_peft_plugin_trainable_only"
+#: Folder of the repo that holds the resumable checkpoint with ``hub_strategy="checkpoint"``.
+HUB_CHECKPOINT_FOLDER = "last-checkpoint"
+#: Checkpoint files never uploaded: the pickled TrainingArguments may hold ``hub_token``.
+_NEVER_UPLOADED = ("training_args.bin",)
+
+
+# -- adapter-only checkpoints the Trainer can reload ---------------------------------------------
+
+
+def save_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the trainable tensors of ``model`` to ``directory/model.safetensors`` (atomically)."""
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    tensors[TRAINABLE_ONLY_MARKER] = torch.zeros(())
+    path = Path(directory) / TRAINABLE_WEIGHTS_NAME
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _drop_frozen_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    """Post-hook of ``load_state_dict``: a state dict carrying the marker is adapter-only, so only
+    trainable parameters it lacks are missing. Other loads are left alone."""
+    if TRAINABLE_ONLY_MARKER not in incompatible_keys.unexpected_keys:
+        return
+    incompatible_keys.unexpected_keys.remove(TRAINABLE_ONLY_MARKER)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k in trainable]
+
+
+_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def enable_trainable_checkpoint_loading(model: nn.Module) -> None:
+    """Let ``model.load_state_dict(strict=False)`` take a :func:`save_trainable_weights` file quietly."""
+    if model not in _HOOKED:
+        model.register_load_state_dict_post_hook(_drop_frozen_missing_keys)
+        _HOOKED.add(model)
+
+
+# -- logging -------------------------------------------------------------------------------------
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: allocated on the accelerator, else the process's resident set (MiB).
+
+    Peaks are read, never reset, so the Trainer's own memory metrics stay correct.
+    """
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "max_memory_allocated"):
+        return {"peak_accelerator_memory_mib": round(backend.max_memory_allocated(device) / 2**20, 1)}
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    else:
+        import psutil  # an accelerate dependency
+
+        peak = psutil.Process().memory_info().peak_wset
+    return {"peak_rss_mib": round(peak / 2**20, 1)}
+
+
+def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The latest training loss and evaluation metrics in the Trainer's log history (for the card)."""
+    metrics: dict[str, float] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            wanted = key in ("loss", "train_loss", "epoch", "step") or (
+                key.startswith("eval_") and not key.endswith(("_runtime", "_per_second"))
+            )
+            if wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[key] = value
+    return metrics
+
+
+# -- the callback --------------------------------------------------------------------------------
+
+
+class AdapterCallback(TrainerCallback):
+    """Adapter-only checkpoints that resume, best-adapter restore, Hub pushes and extra logs.
+
+    Pass it when building the Trainer (``Trainer(..., callbacks=[AdapterCallback()])``) with a model
+    from :func:`~hf_peft_plugin.prepare_model`: it hooks the model in ``on_init_end``, before
+    ``train(resume_from_checkpoint=...)`` reads a checkpoint.
+
+    ``push_to_hub``: repo id to push the adapter to (``None``: no pushes). ``hub_strategy``:
+    ``"end"`` pushes once, after training; ``"every_save"`` also at every checkpoint; ``"checkpoint"``
+    also uploads the latest resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer
+    state; never ``training_args.bin``) to ``last-checkpoint/``. ``private`` applies when the repo is
+    created; ``token=None`` takes ``TrainingArguments.hub_token``, else the logged-in token. Pushes
+    run on the main process only. With ``TrainingArguments(push_to_hub=True)`` the Trainer pushes
+    (the adapter only, through the model's ``save_pretrained``) and this callback does not, so
+    nothing is pushed twice.
+
+    Logs: ``trainable_params``/``all_params``/``trainable_percent`` with the first log after train
+    begin, and ``peak_accelerator_memory_mib`` (``peak_rss_mib`` on CPU) with every log. They reach
+    the console and ``trainer.state.log_history``; reporting integrations (``report_to``) run before
+    user callbacks and do not see them.
+    """
+
+    def __init__(
+        self,
+        push_to_hub: str | None = None,
+        *,
+        hub_strategy: HubStrategy = "end",
+        private: bool = True,
+        token: str | None = None,
+        revision: str = "main",
+        endpoint: str | None = None,
+        log_memory: bool = True,
+    ) -> None:
+        if hub_strategy not in HUB_STRATEGIES:
+            raise ConfigError(f"hub_strategy must be one of {HUB_STRATEGIES}; got {hub_strategy!r}.")
+        if push_to_hub is not None:
+            check_repo_id(push_to_hub)
+        elif hub_strategy != "end":
+            raise ConfigError(f"hub_strategy={hub_strategy!r} needs push_to_hub='user/repo' to push to.")
+        self.repo_id = push_to_hub
+        self.hub_strategy = hub_strategy
+        self.private = private
+        self.token = token
+        self.revision = revision
+        self.endpoint = endpoint
+        self.log_memory = log_memory
+        #: The error of the final push, if it failed (earlier failures are only logged).
+        self.push_error: HubPushError | None = None
+        self._pushing = push_to_hub is not None
+        self._first_log: dict[str, float] = {}
+        self._pusher: _BackgroundPusher | None = None
+        self._last_checkpoint: Path | None = None
+        self._token: str | None = None
+
+    # -- events ---------------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if kwargs.get("model") is not None:  # None with model_init: the model comes at train begin
+            self._attach(kwargs["model"], args)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs["model"]
+        self._attach(model, args)
+        report = trainable_parameters(model)
+        logger.info("hf_peft_plugin: %s", report)
+        self._first_log = {
+            "trainable_params": report.trainable,
+            "all_params": report.total,
+            "trainable_percent": round(report.percent, 4),
+        }
+        self._last_checkpoint = None
+        self._token = self.token if self.token is not None else args.hub_token
+        if self._pushing and state.is_world_process_zero and self._pusher is None:
+            self._pusher = _BackgroundPusher()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and not (args.fsdp or args.deepspeed):  # those resume from their own files
+            if not checkpoint.is_dir():
+                logger.warning("hf_peft_plugin: %s does not exist; not adding the resumable adapter file.", checkpoint)
+                return
+            save_trainable_weights(kwargs["model"], checkpoint)
+        self._last_checkpoint = checkpoint
+        if self._pusher is not None and self.hub_strategy != "end":
+            message = f"Training in progress, step {state.global_step}"
+            self._push(kwargs["model"], state, message, self._checkpoint_to_push())
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        logs = kwargs.get("logs")
+        if logs is None:
+            return
+        extra, self._first_log = self._first_log, {}
+        if self.log_memory:
+            extra.update(memory_stats(args.device))
+        logs.update(extra)
+        if state.log_history:  # the Trainer appended its copy of `logs` just before calling on_log
+            state.log_history[-1].update(extra)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._pusher is None:
+            return
+        # The final push carries the latest checkpoint too: it may replace a queued push that had it.
+        message = f"End of training, step {state.global_step}"
+        final = self._push(kwargs["model"], state, message, self._checkpoint_to_push(), final=True)
+        self._pusher.wait()
+        self._pusher = None
+        if final is not None and final.exception() is not None:
+            self.push_error = final.exception()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _checkpoint_to_push(self) -> Path | None:
+        if self.hub_strategy != "checkpoint" or self._last_checkpoint is None:
+            return None
+        return self._last_checkpoint if self._last_checkpoint.is_dir() else None
+
+    def _attach(self, model: nn.Module, args: TrainingArguments) -> None:
+        require_state(model)
+        enable_trainable_checkpoint_loading(model)
+        if self._pushing and args.push_to_hub:
+            logger.warning(
+                "hf_peft_plugin: TrainingArguments(push_to_hub=True) makes the Trainer push (the adapter only); "
+                "AdapterCallback(push_to_hub=%r) will not push as well. Set only one of them.",
+                self.repo_id,
+            )
+            self._pushing = False
+
+    def _push(
+        self, model: nn.Module, state: TrainerState, message: str, checkpoint: Path | None, final: bool = False
+    ) -> Future | None:
+        folder = Path(tempfile.mkdtemp(prefix="hf-peft-plugin-push-"))
+        try:
+            staged = stage_adapter(model, folder, self.repo_id, last_metrics(state.log_history))
+            if checkpoint is not None:
+                shutil.copytree(
+                    checkpoint, folder / HUB_CHECKPOINT_FOLDER, ignore=shutil.ignore_patterns(*_NEVER_UPLOADED, ".*")
+                )
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.exception("hf_peft_plugin: could not stage the adapter for a push to %s; skipping it.", self.repo_id)
+            return None
+        upload = {
+            "private": self.private,
+            "token": self._token,
+            "revision": self.revision,
+            "commit_message": message,
+            "endpoint": self.endpoint,
+            "replace_folders": (HUB_CHECKPOINT_FOLDER,) if checkpoint is not None else (),
+        }
+        return self._pusher.submit(staged, upload, final)
+
+
+class _BackgroundPusher:
+    """Uploads on one background thread, in order; a queued upload is replaced by a newer one."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-peft-plugin-push")
+        self._queued: tuple[Future, StagedAdapter] | None = None
+
+    def submit(self, staged: StagedAdapter, upload: dict[str, Any], final: bool) -> Future:
+        if self._queued is not None and self._queued[0].cancel():
+            shutil.rmtree(self._queued[1].folder, ignore_errors=True)
+            logger.info("hf_peft_plugin: dropped a push that had not started; a newer one replaces it.")
+        future = self._executor.submit(_upload, staged, upload, final)
+        self._queued = (future, staged)
+        return future
+
+    def wait(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _upload(staged: StagedAdapter, upload: dict[str, Any], final: bool) -> str:
+    try:
+        url = upload_staged(staged, **upload)
+    except HubPushError as exc:
+        if final:
+            logger.error(
+                "hf_peft_plugin: the final push of the adapter failed. %s The adapter is kept in %s; push it "
+                "with push_adapter_to_hub(model, %r) or upload that folder once the problem is fixed.",
+                exc,
+                staged.folder,
+                staged.repo_id,
+            )
+        else:
+            shutil.rmtree(staged.folder, ignore_errors=True)
+            logger.warning("hf_peft_plugin: a push failed; training goes on and the next push retries. %s", exc)
+        raise
+    except Exception:
+        logger.exception(
+            "hf_peft_plugin: a push to %s failed unexpectedly; its files are in %s.", staged.repo_id, staged.folder
+        )
+        raise
+    shutil.rmtree(staged.folder, ignore_errors=True)
+    logger.info("hf_peft_plugin: pushed the adapter to %s", url)
+    return url

@@ -115,6 +115,7 @@ _EXTRAS_FIELDS = {
     "hf_peft_plugin_format",
     "task_type",
     "base_model_name_or_path",
+    "base_model_class",
     "prompt",
     "bottleneck",
     "modules_to_save",
@@ -244,10 +245,10 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
         directory.mkdir(parents=True, exist_ok=True)
         for filename, content in files.items():
             if isinstance(content, _Tensors):
-                _write_atomically(directory / filename, lambda tmp, c=content: _save_safetensors(c, tmp))
+                write_atomically(directory / filename, lambda tmp, c=content: _save_safetensors(c, tmp))
             else:
                 text = json.dumps(content, indent=2, sort_keys=True) + "\n"
-                _write_atomically(directory / filename, lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
+                write_atomically(directory / filename, lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
         for stale in set(ARTIFACT_FILES) - set(files):  # e.g. the extras of an earlier save of another kind
             with contextlib.suppress(FileNotFoundError):
                 (directory / stale).unlink()
@@ -257,7 +258,7 @@ def _save_safetensors(content: _Tensors, path: str) -> None:
     safetensors.torch.save_file(content.tensors, path, metadata=content.metadata)
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """``write`` a temporary file next to ``path``, flush it to disk, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -274,7 +275,9 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
 def _adapter_files(model: nn.Module, state: AdapterState, name: str) -> dict[str, dict | _Tensors]:
     """File name -> JSON object or tensors, for one adapter set (see the module docstring)."""
     spec = state.adapters[name]
-    metadata = {"format": "pt", BASE_CLASS_METADATA: _base_class(model).__name__}
+    # One metadata key only: safetensors writes a map's keys in random order, and identical
+    # adapters must give identical bytes (or every unchanged push would make a new commit).
+    metadata = {"format": "pt"}
     files: dict[str, dict | _Tensors] = {}
     extras: dict[str, Any] = {}
     extra_tensors: dict[str, torch.Tensor] = {}
@@ -302,6 +305,7 @@ def _adapter_files(model: nn.Module, state: AdapterState, name: str) -> dict[str
             hf_peft_plugin_format=EXTRAS_FORMAT_VERSION,
             task_type=state.task_type,
             base_model_name_or_path=state.base_model_name_or_path,
+            base_model_class=_base_class(model).__name__,
         )
         files[EXTRAS_CONFIG_NAME] = extras
         files[EXTRAS_WEIGHTS_NAME] = _Tensors(extra_tensors, metadata)
@@ -347,6 +351,12 @@ def _bottleneck_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _auto_mapping(model: nn.Module) -> dict[str, str]:
+    """peft's own field for the base model's class; the load-time architecture check reads it."""
+    cls = _base_class(model)
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+
+
 def _lora_config_json(model: nn.Module, state: AdapterState, name: str) -> dict[str, Any]:
     spec = state.adapters[name]
     cfg = spec.lora
@@ -355,6 +365,7 @@ def _lora_config_json(model: nn.Module, state: AdapterState, name: str) -> dict[
         "peft_type": "LORA",
         "task_type": state.task_type,
         "base_model_name_or_path": state.base_model_name_or_path,
+        "auto_mapping": _auto_mapping(model),
         "revision": None,
         "inference_mode": True,
         "r": cfg.r,
@@ -423,6 +434,7 @@ def _prompt_config_json(model: nn.Module, state: AdapterState, name: str) -> dic
         "peft_type": "PROMPT_TUNING",
         "task_type": state.task_type,
         "base_model_name_or_path": state.base_model_name_or_path,
+        "auto_mapping": _auto_mapping(model),
         "revision": None,
         "inference_mode": True,
         "num_virtual_tokens": prompt.shape[0],
@@ -491,7 +503,9 @@ def _read_artifact(directory: Path) -> _Artifact:
     if peft_config_file.is_file():
         config = _read_json(peft_config_file)
         tensors, metadata = _read_safetensors(_weights_file(directory, WEIGHTS_NAME))
-        artifact.base_class = metadata.get(BASE_CLASS_METADATA)
+        artifact.base_class = (config.get("auto_mapping") or {}).get("base_model_class") or metadata.get(
+            BASE_CLASS_METADATA
+        )
         peft_type = config.get("peft_type")
         if peft_type == "LORA":
             _parse_lora(artifact, config, tensors)
@@ -506,8 +520,11 @@ def _read_artifact(directory: Path) -> _Artifact:
             )
     if extras_config_file.is_file():
         tensors, metadata = _read_safetensors(_weights_file(directory, EXTRAS_WEIGHTS_NAME))
-        artifact.base_class = artifact.base_class or metadata.get(BASE_CLASS_METADATA)
-        _parse_extras(artifact, _read_json(extras_config_file), tensors)
+        extras_config = _read_json(extras_config_file)
+        artifact.base_class = (
+            artifact.base_class or extras_config.get("base_model_class") or metadata.get(BASE_CLASS_METADATA)
+        )
+        _parse_extras(artifact, extras_config, tensors)
     return artifact
 
 

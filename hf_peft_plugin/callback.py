@@ -40,7 +40,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .artifacts import _write_atomically
+from .artifacts import write_atomically
 from .errors import ConfigError, HubPushError
 from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters
@@ -74,7 +74,7 @@ def save_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> No
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     tensors[TRAINABLE_ONLY_MARKER] = torch.zeros(())
     path = Path(directory) / TRAINABLE_WEIGHTS_NAME
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _drop_frozen_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:

@@ -621,3 +621,13 @@ def test_unmergeable_adapters_raise_unless_kept(tmp_path):
     assert spec.lora is None and spec.bottleneck is not None
     save_adapter(kept, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == EXTRA_FILES
+
+
+def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path):
+    """Unchanged adapters must not make new Hub commits: the files are byte-for-byte stable."""
+    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4))
+    for attempt in range(5):
+        save_adapter(model, tmp_path / str(attempt))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        contents = {(tmp_path / str(i) / name).read_bytes() for i in range(5)}
+        assert len(contents) == 1, name

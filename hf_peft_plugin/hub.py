@@ -222,12 +222,7 @@ def _usage_section(state: AdapterState, repo_id: str, base: str | None, folder: 
         peft = [f'model = PeftModel.from_pretrained(base, "{repo_id}")']
     else:  # no "default" adapter: every adapter lives in a sub-folder
         name = next(iter(state.adapters))
-        ours = [
-            "from huggingface_hub import snapshot_download",
-            "",
-            f'path = snapshot_download("{repo_id}", allow_patterns=["{name}/*"])',
-            f'model = load_adapter(base, f"{{path}}/{name}", adapter_name="{name}")',
-        ]
+        ours = [f'model = load_adapter(base, "{repo_id}", subfolder="{name}", adapter_name="{name}")']
         peft = [f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{name}")']
     lines = [
         "## Usage",

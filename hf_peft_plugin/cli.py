@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         "--rank", type=int, default=None, help="LoRA rank (default 8; omit with --prompt-tokens for prompt tuning only)"
     )
     common.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    common.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default all-linear)")
+    common.add_argument(
+        "--target-modules", nargs="+", default=None, help="LoRA target module names (default all-linear)"
+    )
     common.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA")
     common.add_argument("--lora-dropout", type=float, default=0.0)
     common.add_argument("--prompt-tokens", type=int, default=None, help="add a soft prompt of this many virtual tokens")
@@ -73,7 +75,7 @@ def _settings(args: argparse.Namespace) -> dict:
         lora = LoraConfig(
             r=rank,
             alpha=args.alpha if args.alpha is not None else 2.0 * rank,
-            target_modules=args.target_modules or "all-linear",
+            target_modules="all-linear" if args.target_modules in (None, ["all-linear"]) else args.target_modules,
             use_dora=args.dora,
             dropout=args.lora_dropout,
         )

@@ -46,3 +46,8 @@ class HubPushError(HfPeftPluginError, RuntimeError):
 
 class MemoryBudgetError(HfPeftPluginError, ValueError):
     """No setting fits the requested memory budget, or the budget cannot be parsed."""
+
+    def __init__(self, message: str, *, smallest_budget: int | None = None) -> None:
+        super().__init__(message)
+        #: Bytes the most frugal settings need, when the budget was parseable but too small.
+        self.smallest_budget = smallest_budget

@@ -57,8 +57,7 @@ from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, Quantizati
 from .errors import ConfigError, MemoryBudgetError
 from .lora import LoraLinear
 from .model import prepare_model
-from .quantization import freeze_backbone
-from .quantization import footprint, linear_shape, quantizable_linears
+from .quantization import footprint, freeze_backbone, linear_shape, quantizable_linears
 from .state import TASK_AUTO_CLASSES
 from .targeting import linear_layers
 
@@ -796,15 +795,14 @@ def plan_for_memory(
         last = estimator.estimate(candidate)
         if last.total_bytes <= budget_bytes:
             return MemoryPlan(candidate, last, budget_bytes, tuple(_changes(requested, candidate)))
-    error = MemoryBudgetError(
+    raise MemoryBudgetError(
         f"{estimator.name} cannot be trained in {format_bytes(budget_bytes)}: even with "
         f"{last.settings.describe()} it needs {format_bytes(last.total_bytes)}. The smallest budget that works is "
         f"{format_bytes(last.total_bytes)} ({last.total_bytes} bytes); "
         + ("allow the planner to change " + ", ".join(sorted(fixed)) + ", or " if fixed else "")
-        + "use a larger device or a smaller model."
+        + "use a larger device or a smaller model.",
+        smallest_budget=last.total_bytes,
     )
-    error.smallest_budget = last.total_bytes
-    raise error
 
 
 def _candidates(s: MemorySettings, fixed: set[str]):

@@ -381,7 +381,18 @@ def freeze_backbone(model: nn.Module, quantized: bool) -> None:
         if is_quantized_linear(module) and hasattr(module.weight, "quant_state"):
             unpack_cpu_4bit(module)
     for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
+        if "norm" not in type(module).__name__.lower():
+            continue
+        half = [p for p in module.parameters(recurse=False) if p.dtype in (torch.float16, torch.bfloat16)]
+        for p in half:
+            p.data = p.data.float()
+        if half:
+            # The norm computes in fp32 but hands its neighbours their own dtype, so a bf16 model
+            # still runs outside autocast (an fp32 norm output would meet a bf16 lm_head).
+            module.register_forward_hook(_output_in_input_dtype)
+
+
+def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output

@@ -447,3 +447,15 @@ def test_loading_from_a_path_peaks_near_the_quantized_footprint(tmp_path):
     assert footprint_mib < 0.2 * full_mib
     # Streaming quantization never holds the full-precision model: measured 1.5x the footprint.
     assert peak_mib < 2.0 * footprint_mib and peak_mib < 0.35 * full_mib, (peak_mib, footprint_mib, full_mib)
+
+
+def test_half_precision_model_runs_without_autocast():
+    """Norms are upcast to fp32 for stability, yet hand bf16 on to the bf16 layers around them."""
+    model = tiny_llama().to(torch.bfloat16)
+    model = prepare_model(model, bits=4, compute_dtype=torch.bfloat16, lora=LoraConfig(r=4))
+    assert model.model.norm.weight.dtype == torch.float32
+    ids = token_batch()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad is not None

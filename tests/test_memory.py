@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -42,7 +43,9 @@ LLAMA_8B = dict(
 CPU = dict(device="cpu", dtype=torch.float32)
 
 
+@functools.cache
 def validation_script():
+    """benchmarks/memory_validation.py, which holds the measuring code the tests share."""
     spec = importlib.util.spec_from_file_location("memory_validation", ROOT / "benchmarks" / "memory_validation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -417,6 +420,12 @@ def test_cli_estimate_prints_the_table(tmp_path, capsys):
     assert "8-bit" in out and "LoRA r=4" in out and "batch 1 x 64 tokens" in out
     assert main(["estimate", str(tmp_path), "--seq-len", "64", "--device", "cpu", "--budget", "1KiB"]) == 1
     assert "Does not fit" in capsys.readouterr().out
+    assert main(["estimate", str(tmp_path), "--seq-len", "64", "--device", "cpu", "--target-modules", "q_proj"]) == 0
+    few = capsys.readouterr().out
+    assert (
+        main(["estimate", str(tmp_path), "--seq-len", "64", "--device", "cpu", "--target-modules", "all-linear"]) == 0
+    )
+    assert few != capsys.readouterr().out  # q_proj alone trains fewer parameters than every linear layer
 
 
 def test_cli_plan_and_errors(tmp_path, capsys):

@@ -1,0 +1,43 @@
+"""The README's main job, end to end with its smallest settings, on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_peft_plugin.artifacts import load_adapter
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys):
+    example = load_example("finetune_causal_lm")
+    out = tmp_path / "adapter"
+    result = example.main(
+        ["--max-steps", "3", "--batch-size", "4", "--train-examples", "12", "--eval-examples", "8",
+         "--show", "1", "--output-dir", str(out)]
+    )
+    assert result["loss_after"] < result["loss_before"] - 0.2, result
+    printed = capsys.readouterr().out
+    assert "held-out loss:" in printed and "| word | WordNet | before | after |" in printed
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert not (out / "model.safetensors").exists()
+    # The saved adapter is a real, loadable artifact.
+    from hf_peft_plugin.assets import smollm2_path
+    from transformers import AutoModelForCausalLM
+
+    reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(smollm2_path()), out)
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n) == 4_884_480

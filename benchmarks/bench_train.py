@@ -451,8 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model directory (default: a random-init Llama built once in --cache-dir)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hf_peft_plugin_bench"))
-    p.add_argument("--steps", type=int, help="timed steps per variant (default 15; --quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, help="timed steps per variant (default 10; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2; --quick 1)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default 4; --gpu 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128; --gpu 512)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -468,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick and args.gpu:
         p.error("--quick and --gpu are exclusive")
-    defaults = {"steps": 3, "warmup": 1, "batch_size": 2, "seq_len": 32} if args.quick else {"steps": 15, "warmup": 3}
+    defaults = {"steps": 3, "warmup": 1, "batch_size": 2, "seq_len": 32} if args.quick else {"steps": 10, "warmup": 2}
     defaults.setdefault("batch_size", 8 if args.gpu else 4)
     defaults.setdefault("seq_len", 512 if args.gpu else 128)
     for key, value in defaults.items():

@@ -43,7 +43,7 @@ from hf_peft_plugin.lora import LoraLinear
 from hf_peft_plugin.quantization import quantize_model
 from hf_peft_plugin.state import STATE_ATTRIBUTE
 
-from tiny_models import VOCAB, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import VOCAB, perturb_trainable, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:MatMul8bitLt:UserWarning", "ignore::FutureWarning", "ignore:.*may not fit this model:UserWarning"
@@ -66,19 +66,12 @@ def base(factory, bits: int | None) -> nn.Module:
     return model.eval()
 
 
-def trained(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every trainable tensor a random offset, so an adapter is far from its (identity) init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+
 
 
 def adapted(case: str, seed: int = 1) -> nn.Module:
     factory, bits, lora = CASES[case]
-    return trained(prepare_model(factory(), bits=bits, lora=lora), seed)
+    return perturb_trainable(prepare_model(factory(), bits=bits, lora=lora), seed)
 
 
 def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,7 +164,7 @@ def test_saved_lora_is_in_peft_layout(tmp_path):
 
 
 def test_target_modules_fall_back_to_full_paths_when_short_names_would_match_more(tmp_path):
-    model = trained(
+    model = perturb_trainable(
         prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2, target_modules=r".*layers\.1\..*_proj"))
     )
     save_adapter(model, tmp_path)
@@ -194,7 +187,7 @@ def test_file_holds_only_the_trainable_tensors(case, tmp_path):
 
 def test_tied_lm_head_is_saved_only_when_trained_and_stays_untied_after_merge(tmp_path):
     lora = LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
-    model = trained(prepare_model(tiny_gpt2(), bits=None, lora=lora))
+    model = perturb_trainable(prepare_model(tiny_gpt2(), bits=None, lora=lora))
     save_adapter(model, tmp_path / "adapter")
     keys = load_file(tmp_path / "adapter/adapter_model.safetensors")
     assert [k for k in keys if ".lora_" not in k] == ["base_model.model.lm_head.weight"]  # not the tied wte
@@ -211,9 +204,9 @@ def test_tied_lm_head_is_saved_only_when_trained_and_stays_untied_after_merge(tm
 def test_several_adapters_default_at_root_others_in_subfolders(tmp_path):
     model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4))
     add_adapter(model, "second", lora=LoraConfig(r=2, target_modules=["q_proj"]))
-    trained(model)
+    perturb_trainable(model)
     set_active_adapters(model, ["second"])
-    trained(model, seed=2)
+    perturb_trainable(model, seed=2)
     expected = {"second": logits(model)}
     set_active_adapters(model, ["default"])
     expected["default"] = logits(model)
@@ -288,7 +281,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
-    trained(model, seed=5)
+    perturb_trainable(model, seed=5)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == good  # intact, and no temporary left
@@ -457,7 +450,7 @@ def test_load_from_the_hub_with_revision_and_token(local_hub, tmp_path):
 
 
 def test_prompt_only_adapter_round_trip_in_peft_layout(tmp_path):
-    model = trained(prepare_model(tiny_llama(), bits=4, prompt=PromptTuningConfig(num_virtual_tokens=3)))
+    model = perturb_trainable(prepare_model(tiny_llama(), bits=4, prompt=PromptTuningConfig(num_virtual_tokens=3)))
     save_adapter(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -485,7 +478,7 @@ def test_lora_with_bottleneck_and_prompt_keeps_the_lora_part_in_peft_files(tmp_p
         tiny_llama(), bits=4, lora=LoraConfig(r=2, target_modules=["q_proj"]),
         bottleneck=BottleneckConfig(bottleneck_size=8), prompt=PromptTuningConfig(num_virtual_tokens=2),
     )  # fmt: skip
-    trained(model)
+    perturb_trainable(model)
     save_adapter(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES | EXTRA_FILES
     assert all(".lora_" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
@@ -504,7 +497,7 @@ def test_lora_with_bottleneck_and_prompt_keeps_the_lora_part_in_peft_files(tmp_p
 
 
 def test_bottleneck_only_adapter_round_trip(tmp_path):
-    model = trained(prepare_model(tiny_bert_classifier(), bits=None, bottleneck=BottleneckConfig(reduction_factor=8)))
+    model = perturb_trainable(prepare_model(tiny_bert_classifier(), bits=None, bottleneck=BottleneckConfig(reduction_factor=8)))
     save_adapter(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == EXTRA_FILES
     assert "base_model.model.classifier.weight" in load_file(tmp_path / "hf_peft_plugin_adapter.safetensors")
@@ -553,7 +546,7 @@ def test_merge_of_gpt2_quantized_by_transformers_rebuilds_conv1d(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "base")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, dtype=torch.float32)
-    model = trained(prepare_model(loaded, lora=LoraConfig(r=4, target_modules=["c_attn"])))
+    model = perturb_trainable(prepare_model(loaded, lora=LoraConfig(r=4, target_modules=["c_attn"])))
     expected = logits(model)
     merged = merge_and_unload(model, dtype=torch.float32)
     assert_plain(merged, GPT2LMHeadModel)
@@ -584,7 +577,7 @@ def test_requantize_keeps_4bit_layers():
 
 
 def test_merge_unmerge_in_place_is_exact():
-    model = trained(prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=4, use_dora=True)))
+    model = perturb_trainable(prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=4, use_dora=True)))
     expected, weights = logits(model), {k: v.clone() for k, v in model.state_dict().items()}
     merge_adapters(model)
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
@@ -605,7 +598,7 @@ def test_unmergeable_adapters_raise_unless_kept(tmp_path):
         model = prepare_model(
             tiny_llama(), bits=4, lora=LoraConfig(r=2), bottleneck=BottleneckConfig(bottleneck_size=4)
         )
-        return trained(model)
+        return perturb_trainable(model)
 
     model = with_bottleneck()
     before = snapshot(model)

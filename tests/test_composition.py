@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
 
 from hf_peft_plugin import (
     AdapterNameError,
@@ -29,7 +28,7 @@ from hf_peft_plugin.model import combine_lora
 from hf_peft_plugin.quantization import quantize_model
 from hf_peft_plugin.targeting import adapter_layers
 
-from tiny_models import CopyTaskDataset, tiny_bert_classifier, tiny_llama, token_batch
+from tiny_models import tiny_bert_classifier, tiny_llama, token_batch, train_copy_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -62,22 +61,6 @@ def randomize(model: nn.Module, name: str, seed: int = 1) -> None:
             p.normal_(0, 0.1)
 
 
-def train(model: nn.Module, tmp_path, steps: int = 30) -> list[float]:
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        learning_rate=1e-2,
-        logging_steps=steps // 3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset())
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -98,7 +81,7 @@ def test_lora_prompt_and_bottleneck_train_together_under_the_trainer(tmp_path):
     model = everything()
     assert counts["prompt"] == 3 * 64
     assert trainable_parameters(model).trainable == sum(counts.values())
-    losses = train(model, tmp_path)
+    losses = train_copy_task(model, tmp_path / "out")
     assert losses[-1] < losses[0] - 0.2, losses
 
 
@@ -110,7 +93,7 @@ def test_training_one_adapter_leaves_the_other_bit_for_bit_unchanged(tmp_path):
     a_before = {n: p.detach().clone() for n, p in parameters_of(model, "a").items()}
     assert len(b_before) == len(a_before) > 0
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(a_before)
-    train(model, tmp_path, steps=6)
+    train_copy_task(model, tmp_path / "out", steps=6)
     for n, p in parameters_of(model, "b").items():
         assert torch.equal(p, b_before[n]), n
         assert p.grad is None and not p.requires_grad, n

@@ -28,7 +28,7 @@ from hf_peft_plugin.config import QuantizationConfig
 from hf_peft_plugin.lora import LoraLinear
 from hf_peft_plugin.quantization import quantize_model
 
-from tiny_models import CAUSAL_LMS, CopyTaskDataset, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import CAUSAL_LMS, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_copy_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -155,29 +155,14 @@ def test_gaussian_and_pissa_inits():
 # -- training -------------------------------------------------------------------------------------
 
 
-def train(model: nn.Module, tmp_path, steps: int = 30, **overrides) -> list[float]:
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        learning_rate=1e-2,
-        logging_steps=steps // 3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        **overrides,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset())
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
 
 
 @pytest.mark.parametrize("bits", [4, 8, None])
 def test_stock_trainer_lowers_the_loss(bits, tmp_path):
     model = prepare_model(tiny_llama(), bits=bits, lora=LoraConfig(r=8, alpha=16))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    losses = train(model, tmp_path)
+    losses = train_copy_task(model, tmp_path / "out")
     assert losses[-1] < losses[0] - 0.3, losses
     for n, p in model.named_parameters():
         if n in frozen_before:
@@ -212,7 +197,7 @@ def test_gradients_reach_lora_a_and_b_in_every_layer():
 def test_gradient_checkpointing_trains(tmp_path):
     model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=8, alpha=16), gradient_checkpointing=True)
     assert model.is_activation_checkpointing
-    losses = train(model, tmp_path, activation_checkpointing=True)
+    losses = train_copy_task(model, tmp_path / "out", activation_checkpointing=True)
     assert losses[-1] < losses[0] - 0.3, losses
 
 
@@ -246,7 +231,7 @@ def test_model_loaded_in_4bit_by_transformers_is_accepted_by_trainer(tmp_path):
     with pytest.raises(ValueError, match="purely quantized"):
         Trainer(model=base, args=TrainingArguments(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True))
     model = prepare_model(base, lora=LoraConfig(r=8, alpha=16))
-    losses = train(model, tmp_path)
+    losses = train_copy_task(model, tmp_path / "out")
     assert losses[-1] < losses[0] - 0.3, losses
 
 

@@ -17,7 +17,7 @@ from hf_peft_plugin.artifacts import load_adapter, save_adapter
 from hf_peft_plugin.config import QuantizationConfig
 from hf_peft_plugin.quantization import load_quantized_model, quantize_model, unpack_cpu_4bit
 
-from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import perturb_trainable, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -60,13 +60,7 @@ def base(arch: str, bits: int | None) -> nn.Module:
     return model.eval()
 
 
-def trained(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -77,7 +71,7 @@ def logits(model: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
 def test_peft_loads_what_we_save(case, tmp_path):
     arch, bits, ours, _ = LORA_CASES[case]
-    model = trained(prepare_model(FACTORIES[arch](), bits=bits, lora=ours))
+    model = perturb_trainable(prepare_model(FACTORIES[arch](), bits=bits, lora=ours))
     save_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(base(arch, bits), tmp_path)
     torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=1e-5)
@@ -86,7 +80,7 @@ def test_peft_loads_what_we_save(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
 def test_we_load_what_peft_saves(case, tmp_path):
     arch, bits, _, theirs_config = LORA_CASES[case]
-    theirs = trained(peft.get_peft_model(base(arch, bits), theirs_config))
+    theirs = perturb_trainable(peft.get_peft_model(base(arch, bits), theirs_config))
     theirs.save_pretrained(tmp_path)
     model = load_adapter(base(arch, bits), tmp_path)
     torch.testing.assert_close(logits(model), logits(theirs), rtol=0, atol=1e-5)
@@ -103,12 +97,12 @@ def test_4bit_base_loaded_by_transformers_both_ways(tmp_path):
                 unpack_cpu_4bit(module)
         return model
 
-    ours = trained(prepare_model(str(tmp_path / "base"), bits=4, compute_dtype=torch.float32, lora=LoraConfig(r=4)))
+    ours = perturb_trainable(prepare_model(str(tmp_path / "base"), bits=4, compute_dtype=torch.float32, lora=LoraConfig(r=4)))
     save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(quantized_base(), tmp_path / "ours")
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=0, atol=1e-5)
 
-    theirs = trained(peft.get_peft_model(quantized_base(), peft.LoraConfig(r=4, target_modules="all-linear")), seed=2)
+    theirs = perturb_trainable(peft.get_peft_model(quantized_base(), peft.LoraConfig(r=4, target_modules="all-linear")), seed=2)
     theirs.save_pretrained(tmp_path / "theirs")
     torch.testing.assert_close(
         logits(load_adapter(quantized_base(), tmp_path / "theirs")), logits(theirs), rtol=0, atol=1e-5
@@ -120,13 +114,13 @@ PROMPT_ARCHS = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
 
 @pytest.mark.parametrize("arch", sorted(PROMPT_ARCHS))
 def test_prompt_tuning_both_ways(arch, tmp_path):
-    ours = trained(prepare_model(FACTORIES[arch](), bits=None, prompt=PromptTuningConfig(num_virtual_tokens=3)))
+    ours = perturb_trainable(prepare_model(FACTORIES[arch](), bits=None, prompt=PromptTuningConfig(num_virtual_tokens=3)))
     save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(base(arch, None), tmp_path / "ours")
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=0, atol=1e-5)
 
     config = peft.PromptTuningConfig(num_virtual_tokens=3, task_type=PROMPT_ARCHS[arch])
-    theirs = trained(peft.get_peft_model(base(arch, None), config), seed=2)
+    theirs = perturb_trainable(peft.get_peft_model(base(arch, None), config), seed=2)
     theirs.save_pretrained(tmp_path / "theirs")
     model = load_adapter(base(arch, None), tmp_path / "theirs")
     torch.testing.assert_close(logits(model), logits(theirs), rtol=0, atol=1e-5)
@@ -134,7 +128,7 @@ def test_prompt_tuning_both_ways(arch, tmp_path):
 
 def test_peft_loads_the_lora_part_of_a_combined_adapter(tmp_path):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    combined = trained(
+    combined = perturb_trainable(
         prepare_model(tiny_llama(), bits=None, lora=lora, bottleneck=BottleneckConfig(bottleneck_size=8))
     )
     save_adapter(combined, tmp_path / "combined")

@@ -91,3 +91,34 @@ class CopyTaskDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.rows[i], "labels": self.rows[i].clone()}
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Give every trainable tensor a random offset, so an adapter is far from its (identity) init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def train_copy_task(model: torch.nn.Module, output_dir, steps: int = 30, **overrides) -> list[float]:
+    """A short stock-Trainer run on :class:`CopyTaskDataset`; returns the logged losses."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        learning_rate=1e-2,
+        logging_steps=steps // 3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        **overrides,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -7,6 +7,10 @@ backbones, each with and without gradient checkpointing, and prints a markdown t
     python benchmarks/bench_train.py            # CPU, 60M-param random-init Llama, ~10 minutes on 2 cores
     python benchmarks/bench_train.py --quick    # smoke run, tiny settings
     python benchmarks/bench_train.py --gpu      # 1.24B-param random-init Llama, bf16 compute, + tokens/s
+    python benchmarks/bench_train.py --bits 4 --floor --dtype bfloat16   # subsets, the floor, bf16 on CPU
+
+``--floor`` adds a third worker: the same model with LoRA on one layer only, whose step is what
+the frozen base costs forward and backward, the floor under any LoRA on all linear layers.
 
 Every (variant, setting) runs in a fresh subprocess (``--worker``), so memory is that variant's
 own: on CPU the peak RSS (``VmHWM``; reset between loading and training through
@@ -44,7 +48,9 @@ from typing import Any
 import torch
 
 VARIANTS = ("hf_peft_plugin", "peft")
+FLOOR = "floor"  # --floor: a third worker, LoRA on one layer (see load_floor)
 RESULT_PREFIX = "BENCH_RESULT "
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_R, LORA_ALPHA = 16, 32
 SEED = 0
 
@@ -188,7 +194,19 @@ def load_peft(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torc
     return peft.get_peft_model(model, config)
 
 
-LOADERS = {"hf_peft_plugin": load_hf_peft_plugin, "peft": load_peft}
+def load_floor(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """The same model with LoRA on one layer only (``q_proj`` of the first block). The loss is still
+    back-propagated through every frozen layer to reach it, so its step is what the frozen base
+    costs, forward and backward: no LoRA on all linear layers, however written, can be faster."""
+    from hf_peft_plugin import LoraConfig, prepare_model
+
+    one_layer = LoraConfig(
+        r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=r"model\.layers\.0\.self_attn\.q_proj"
+    )
+    return prepare_model(path, bits=bits, lora=one_layer, compute_dtype=dtype, dtype=dtype, gradient_checkpointing=gc)
+
+
+LOADERS = {"hf_peft_plugin": load_hf_peft_plugin, "peft": load_peft, FLOOR: load_floor}
 
 
 # -- one worker: load, train, save ---------------------------------------------------------------
@@ -234,7 +252,7 @@ def worker(args: argparse.Namespace) -> None:
 
     The driver steps the two variants' workers in turn, so both meet the same machine load."""
     device = "cuda" if args.gpu else "cpu"
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(SEED)
     reset_peak(device)
     start = time.perf_counter()
@@ -274,7 +292,7 @@ class Worker:
         cmd = [
             sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--model", args.model,
             "--bits", str(setting.bits), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
         ]  # fmt: skip
         if setting.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
@@ -428,6 +446,10 @@ def format_table(results: Results, args: argparse.Namespace) -> str:
             lines.append(f"| {setting.label} | {label} | {cell_a} | {cell_b} | {ratio} |")
             if key == "step_s" and (paired := paired_ratio(a, b)) is not None:
                 lines.append(f"| {setting.label} | step time, per-step ratio (median) | | | {paired:.2f} |")
+            if key == "step_s" and (floor := by_variant.get(FLOOR, {}).get("step_s")) is not None and vb:
+                lines.append(
+                    f"| {setting.label} | step time, floor: LoRA on one layer only | {_ms(floor)} | | {floor / vb:.2f} |"
+                )
     return "\n".join(lines)
 
 
@@ -460,10 +482,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gc", default="off,on", help="gradient checkpointing: comma-separated subset of off,on")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke run")
     p.add_argument("--gpu", action="store_true", help="CUDA, bf16 compute, ~1.2B-param model, adds tokens/s")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="compute dtype (default float32 on CPU, as the package does; bf16 with --gpu)"
+    )
     p.add_argument("--json", help="also write the raw results to this file")
     # internal: one measurement in this (fresh) process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--floor", action="store_true", help="also time the floor: the same model with LoRA on one layer only"
+    )
+    p.add_argument("--variant", choices=(*VARIANTS, FLOOR), help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick and args.gpu:
@@ -471,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {"steps": 3, "warmup": 1, "batch_size": 2, "seq_len": 32} if args.quick else {"steps": 10, "warmup": 2}
     defaults.setdefault("batch_size", 8 if args.gpu else 4)
     defaults.setdefault("seq_len", 512 if args.gpu else 128)
+    defaults.setdefault("dtype", "bfloat16" if args.gpu else "float32")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -483,6 +512,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if args.floor:
+        args.variants.append(FLOOR)
     bits = {"4": 4, "8": 8, "none": None}
     gcs = {"off": False, "on": True}
     try:
@@ -505,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is None:
         cache = Path(args.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
-        dtype = torch.bfloat16 if args.gpu else torch.float32
+        dtype = torch.bfloat16 if args.gpu else torch.float32  # the stored weights; compute is --dtype
         args.model = str(
             build_model(cache / f"llama-{kind}", MODEL_CONFIGS[kind], dtype, "cuda" if args.gpu else "cpu")
         )
@@ -513,7 +544,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--model {args.model!r} is not a local model directory (no config.json in it).")
     params = _parameter_count(Path(args.model))
     compute = (
-        f"bf16 on {torch.cuda.get_device_name()}" if args.gpu else f"float32 on CPU, {torch.get_num_threads()} threads"
+        f"{args.dtype} on {torch.cuda.get_device_name()}"
+        if args.gpu
+        else f"{args.dtype} on CPU, {torch.get_num_threads()} threads"
     )
     header = (
         f"model `{args.model}` ({params / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len} tokens, "

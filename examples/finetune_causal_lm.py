@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     shown_after = answers(model, tokenizer, show_rows)
 
     print(f"\nheld-out loss: {loss_before:.3f} -> {loss_after:.3f} (perplexity {math.exp(loss_before):.1f} -> {math.exp(loss_after):.1f})")
-    print(f"\n| word | WordNet | before | after |\n|---|---|---|---|")
+    print("\n| word | WordNet | before | after |\n|---|---|---|---|")
     for row, before, after in zip(show_rows, shown_before, shown_after):
         print(f"| {row['word']} | {row['gloss']} | {before} | {after} |")
 
@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         print("pushed:", push_adapter_to_hub(model, args.push_to))
     else:
+        command = ["hf-peft-plugin", "push", args.output_dir, "<user>/wordnet-lora", "--base", model_path]
+        command += ["--bits", str(args.bits) if args.bits else "none"]
         print(
-            "push it with:\n  python -c \"from hf_peft_plugin import load_adapter, push_adapter_to_hub; ...\"  # or\n"
-            f"  python examples/finetune_causal_lm.py --push-to <user>/<repo>  (with HF_TOKEN set)"
+            "push it (with a write token in HF_TOKEN, or after `hf auth login`):\n  "
+            + " ".join(shlex.quote(part) if part != "<user>/wordnet-lora" else part for part in command)
+            + "\nor train and push in one go with --push-to <user>/<repo>"
         )
     return {"loss_before": loss_before, "loss_after": loss_after, "answers_before": shown_before, "answers_after": shown_after}
 

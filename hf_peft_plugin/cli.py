@@ -1,23 +1,32 @@
-"""``hf-peft-plugin``: the memory planner on the command line.
+"""``hf-peft-plugin``: the memory planner, and pushing a saved adapter, on the command line.
 
     hf-peft-plugin estimate meta-llama/Llama-3.1-8B --bits 4 --rank 16 --seq-len 2048 [--budget 24GiB]
     hf-peft-plugin plan meta-llama/Llama-3.1-8B --budget 12GiB --batch-size 8
+    hf-peft-plugin push outputs/my-adapter alice/my-adapter --base meta-llama/Llama-3.2-1B --bits 4
 
-Only the model's config.json is read. Exit status: 0 when it fits (or no budget was given),
-1 when it does not fit, 2 for bad input.
+``estimate``/``plan`` read only the model's config.json; exit status 0 when it fits (or no budget
+was given), 1 when it does not fit, 2 for bad input. ``push`` loads the base as it was trained
+(``--bits``), attaches the saved adapter and runs :func:`~hf_peft_plugin.push_adapter_to_hub`,
+so the card describes the training setup; exit status 0 when pushed, 1 when the Hub refused or
+could not be reached (nothing local changes), 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .config import LoraConfig, PromptTuningConfig
-from .errors import HfPeftPluginError, MemoryBudgetError
+from .artifacts import CONFIG_NAME, load_adapter
+from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
+from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
+from .hub import check_repo_id, push_adapter_to_hub
 from .memory import OPTIMIZER_STATE_BITS, PLANNABLE, estimate_memory, format_bytes, parse_budget, plan_for_memory
+from .model import load_base_model
 from .state import TASK_AUTO_CLASSES
 
 _DTYPES = {
@@ -65,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", required=True, help="memory to fit in, e.g. 24GiB, '8 GB', 512MiB")
     plan.add_argument("--gradient-accumulation-steps", type=int, default=1)
     plan.add_argument("--fixed", nargs="+", choices=PLANNABLE, default=(), help="settings the planner must not change")
+    push = commands.add_parser(
+        "push",
+        help="push an adapter folder that save_adapter wrote to the Hub, with a model card",
+        description="Token: HF_TOKEN or `hf auth login`. The base model is loaded (as trained) to build the card.",
+    )
+    push.add_argument("adapter_dir", help="the folder save_adapter (or AdapterCallback) wrote")
+    push.add_argument("repo_id", help="user/name or org/name; created if it does not exist")
+    push.add_argument("--base", default=None, help="base model path or Hub id (default: the one in adapter_config.json)")
+    push.add_argument("--bits", choices=["4", "8", "none"], default="4", help="how the base was quantized in training")
+    push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
+    push.add_argument("--revision", default="main", help="branch to commit to")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", default=None)
     return parser
 
 
@@ -93,8 +115,52 @@ def _settings(args: argparse.Namespace) -> dict:
     )
 
 
+def _push(args: argparse.Namespace) -> int:
+    """Load base + adapter, then push; everything that can be checked is checked before loading."""
+    try:
+        check_repo_id(args.repo_id)
+        folder = Path(args.adapter_dir)
+        config_file = folder / CONFIG_NAME
+        if not config_file.is_file():
+            raise AdapterLoadError(
+                f"{folder} holds no {CONFIG_NAME}: pass the folder save_adapter (or AdapterCallback) wrote."
+            )
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        base = args.base or config.get("base_model_name_or_path")
+        if not base:
+            raise AdapterLoadError(f"{config_file} does not name its base model; pass --base <path or Hub id>.")
+        task_type = config.get("task_type") or "CAUSAL_LM"
+        if task_type not in TASK_AUTO_CLASSES:
+            raise AdapterLoadError(f"{config_file} has task_type {task_type!r}; expected one of {sorted(TASK_AUTO_CLASSES)}.")
+        quant = QuantizationConfig(bits=None if args.bits == "none" else int(args.bits))
+        try:
+            model, _, _ = load_base_model(base, quant, task_type, {})
+        except OSError as exc:
+            raise AdapterLoadError(f"Could not load the base model {base!r} ({exc}); pass --base <path or Hub id>.") from exc
+        model = load_adapter(model, folder)
+    except HfPeftPluginError as exc:
+        print(f"hf-peft-plugin: {exc}", file=sys.stderr)
+        return 2
+    try:
+        url = push_adapter_to_hub(
+            model,
+            args.repo_id,
+            private=args.private or None,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+        )
+    except HubPushError as exc:
+        print(f"hf-peft-plugin: {exc}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "push":
+        return _push(args)
     try:
         budget = parse_budget(args.budget) if args.budget is not None else None
         settings = _settings(args)

@@ -77,7 +77,7 @@ def prepare_model(
 
     adapters = {"lora": lora, "prompt": prompt, "bottleneck": bottleneck}
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, quant, dtype = _load(os.fspath(model_or_path), quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
+        model, quant, dtype = load_base_model(os.fspath(model_or_path), quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
         task = task_type or infer_task_type(model)
         plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
     elif isinstance(model_or_path, nn.Module):
@@ -115,9 +115,11 @@ def prepare_model(
     return model
 
 
-def _load(
+def load_base_model(
     path: str, quant: QuantizationConfig, task_type: str, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, QuantizationConfig, torch.dtype]:
+    """The base model for ``task_type``, quantized as its weights stream in, on the GPU when there
+    is one; also returns the compute dtype picked for that device."""
     import transformers
 
     auto_class = getattr(transformers, TASK_AUTO_CLASSES[task_type])

@@ -114,6 +114,39 @@ def test_dora_equals_base_at_init():
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("bits", "dtype"), [(4, torch.float32), (None, torch.float32), (None, torch.bfloat16)])
+def test_lora_forward_and_gradients_follow_the_formula(bits, dtype):
+    """y = base(x) + s * B(A(x)) with a trained B and a scaling that is not a power of two (the
+    fused GEMM reorders the rounding), for values and for the gradients of A, B and x; with a
+    bf16 base the LoRA term is added in float32 and the sum rounded once."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=True).to(dtype)
+    if bits is not None:
+        holder = nn.Sequential(base)
+        quantize_model(holder, QuantizationConfig(bits=bits), torch.float32)
+        base = holder[0]
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=4, scaling=0.37)
+    layer.set_active_adapters(["default"])
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 5, 48, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref, b_ref = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    lora_ref = 0.37 * (x_ref.float() @ a_ref.t() @ b_ref.t())
+    y_ref = (layer.base_layer(x_ref).float() + lora_ref).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y, y_ref, **tol)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    grad_tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in ((a.grad, a_ref.grad), (b.grad, b_ref.grad), (x.grad, x_ref.grad)):
+        torch.testing.assert_close(got, want, **grad_tol)
+
+
 def test_rank_and_alpha_patterns_and_rslora():
     config = LoraConfig(r=4, alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 32})
     model = prepare_model(tiny_llama(), bits=None, lora=config)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
 
+from hf_peft_plugin import cli
 from hf_peft_plugin.artifacts import load_adapter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,7 +27,7 @@ def load_example(name: str):
     return module
 
 
-def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys):
+def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys, local_hub, monkeypatch):
     example = load_example("finetune_causal_lm")
     out = tmp_path / "adapter"
     result = example.main(
@@ -41,3 +46,17 @@ def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys):
 
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(smollm2_path()), out)
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n) == 4_884_480
+
+    # The push command it printed is exact: run as printed (repo name filled in), it publishes the
+    # adapter with a card that says how the base was quantized.
+    [command] = [line.strip() for line in printed.splitlines() if line.strip().startswith("hf-peft-plugin push")]
+    argv = shlex.split(command.replace("<user>/", "alice/"))
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    assert cli.main(argv[1:]) == 0
+    files = local_hub.files("alice/wordnet-lora")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert not any(name.endswith((".bin", ".pt", "model.safetensors")) and name != "adapter_model.safetensors" for name in files)
+    pushed, saved = safetensors.torch.load(files["adapter_model.safetensors"]), load_file(out / "adapter_model.safetensors")
+    assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved)
+    card = files["README.md"].decode()
+    assert "4-bit" in card and "nf4" in card

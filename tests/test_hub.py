@@ -237,3 +237,66 @@ def test_network_down(local_hub, caplog):
     with pytest.raises(HubPushError, match="Could not reach the Hub at http://127.0.0.1") as info:
         push_adapter_to_hub(adapted(), REPO, token="hf_write_alice")
     assert "ConnectError" in str(info.value) and "hf_write_alice" not in caplog.text
+
+
+# -- `hf-peft-plugin push`: a saved folder to the Hub ---------------------------------------------
+
+
+@pytest.fixture
+def saved_4bit_adapter(tmp_path) -> tuple[Path, Path, torch.nn.Module]:
+    """A tiny Llama saved as a local base, and a trained 4-bit LoRA adapter saved for it."""
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    model = prepare_model(str(base_dir), bits=4, lora=LoraConfig(r=4, alpha=8))
+    shift(model, seed=3)
+    folder = tmp_path / "adapter"
+    save_adapter(model, folder)
+    return base_dir, folder, model.eval()
+
+
+def test_cli_push_publishes_a_saved_folder_as_trained(local_hub, monkeypatch, saved_4bit_adapter, capsys):
+    from hf_peft_plugin import cli
+
+    base_dir, folder, trained = saved_4bit_adapter
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    assert cli.main(["push", str(folder), REPO, "--bits", "4"]) == 0  # the base is read from the config
+    assert capsys.readouterr().out.strip().endswith(local_hub.head(REPO))
+    files = local_hub.files(REPO)
+    assert same_tensors(files["adapter_model.safetensors"], (folder / "adapter_model.safetensors").read_bytes())
+    card = card_on_hub(local_hub)
+    assert "4-bit" in card.data.tags and "nf4" in card.text
+    reloaded = load_adapter(prepare_model_base(base_dir), REPO)
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def prepare_model_base(base_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=torch.float32)
+
+
+def test_cli_push_bad_input_exits_2_before_loading_anything(local_hub, tmp_path, saved_4bit_adapter, capsys):
+    from hf_peft_plugin import cli
+
+    _, folder, _ = saved_4bit_adapter
+    assert cli.main(["push", str(tmp_path / "nowhere"), REPO]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+    assert cli.main(["push", str(folder), "not a/valid/id"]) == 2
+    assert "not a Hub repo id" in capsys.readouterr().err
+    assert cli.main(["push", str(folder), REPO, "--base", str(tmp_path / "missing-base")]) == 2
+    assert "Could not load the base model" in capsys.readouterr().err
+    assert local_hub.requests == []
+
+
+def test_cli_push_without_a_token_exits_1_and_keeps_the_folder(local_hub, saved_4bit_adapter, capsys):
+    from hf_peft_plugin import cli
+
+    _, folder, _ = saved_4bit_adapter
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert cli.main(["push", str(folder), REPO]) == 1
+    assert "none was found" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not local_hub.repo_exists(REPO)

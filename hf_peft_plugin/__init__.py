@@ -1,5 +1,7 @@
 """hf-peft-plugin: quantized parameter-efficient fine-tuning for the stock transformers Trainer."""
 
+from typing import TYPE_CHECKING, Any
+
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import (
     AdapterLoadError,
@@ -14,7 +16,6 @@ from .errors import (
     TargetModulesError,
 )
 from .artifacts import load_adapter, merge_adapters, merge_and_unload, save_adapter, unmerge_adapters
-from .callback import AdapterCallback
 from .hub import push_adapter_to_hub
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (
@@ -67,3 +68,16 @@ __all__ = [
     "trainable_parameters",
     "unmerge_adapters",
 ]
+
+if TYPE_CHECKING:
+    from .callback import AdapterCallback
+
+
+def __getattr__(name: str) -> Any:
+    # The callback needs transformers' Trainer modules, which import peft whenever it is installed
+    # (3.4 s and ~200 MB here): loaded on first use, so the CLI and non-Trainer code skip them.
+    if name == "AdapterCallback":
+        from .callback import AdapterCallback
+
+        return AdapterCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -380,6 +380,28 @@ def test_wrong_argument_types():
 # -- no peft --------------------------------------------------------------------------------------
 
 
+def test_importing_the_package_and_its_cli_loads_no_trainer_modules_and_no_peft():
+    """With peft installed (as here), transformers' Trainer modules import it; the callback needs
+    them, so it is loaded on first use only and the CLI and non-Trainer code stay light."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import hf_peft_plugin, hf_peft_plugin.cli
+        assert "peft" not in sys.modules and "transformers.trainer_utils" not in sys.modules, "loaded eagerly"
+        from hf_peft_plugin import AdapterCallback
+        from transformers import TrainerCallback
+        assert issubclass(AdapterCallback, TrainerCallback) and "AdapterCallback" in hf_peft_plugin.__all__
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    import hf_peft_plugin
+
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        hf_peft_plugin.NoSuchThing  # noqa: B018
+
+
 def test_package_imports_and_trains_with_peft_absent():
     """peft is installed here (interop tests use it); make it look uninstalled, and make any
     attempt to import it fail loudly, then import and train."""

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .artifacts import CONFIG_NAME, load_adapter
+from .artifacts import CONFIG_NAME, EXTRAS_CONFIG_NAME, load_adapter
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
 from .hub import check_repo_id, push_adapter_to_hub
@@ -115,16 +115,34 @@ def _settings(args: argparse.Namespace) -> dict:
     )
 
 
+def _saved_adapters(folder: Path) -> dict[str | None, Path]:
+    """The adapters ``save_adapter`` wrote to ``folder``: ``None`` for the top level (``default``),
+    else the sub-folder name; each with the config file that describes it."""
+    def config_in(directory: Path) -> Path | None:
+        return next((directory / n for n in (CONFIG_NAME, EXTRAS_CONFIG_NAME) if (directory / n).is_file()), None)
+
+    found: dict[str | None, Path] = {}
+    if folder.is_dir():
+        if (top := config_in(folder)) is not None:
+            found[None] = top
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if (config := config_in(sub)) is not None:
+                found[sub.name] = config
+    return found
+
+
 def _push(args: argparse.Namespace) -> int:
-    """Load base + adapter, then push; everything that can be checked is checked before loading."""
+    """Load base + adapters, then push; everything that can be checked is checked before loading."""
     try:
         check_repo_id(args.repo_id)
         folder = Path(args.adapter_dir)
-        config_file = folder / CONFIG_NAME
-        if not config_file.is_file():
+        adapters = _saved_adapters(folder)
+        if not adapters:
             raise AdapterLoadError(
-                f"{folder} holds no {CONFIG_NAME}: pass the folder save_adapter (or AdapterCallback) wrote."
+                f"{folder} holds no {CONFIG_NAME} or {EXTRAS_CONFIG_NAME} (nor sub-folders with one): pass the "
+                "folder save_adapter (or AdapterCallback) wrote."
             )
+        config_file = next(iter(adapters.values()))
         config = json.loads(config_file.read_text(encoding="utf-8"))
         base = args.base or config.get("base_model_name_or_path")
         if not base:
@@ -137,7 +155,9 @@ def _push(args: argparse.Namespace) -> int:
             model, _, _ = load_base_model(base, quant, task_type, {})
         except OSError as exc:
             raise AdapterLoadError(f"Could not load the base model {base!r} ({exc}); pass --base <path or Hub id>.") from exc
-        model = load_adapter(model, folder)
+        for subfolder in adapters:
+            name = "default" if subfolder is None else subfolder
+            model = load_adapter(model, folder, subfolder=subfolder, adapter_name=name)
     except HfPeftPluginError as exc:
         print(f"hf-peft-plugin: {exc}", file=sys.stderr)
         return 2

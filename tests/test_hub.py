@@ -283,7 +283,7 @@ def test_cli_push_bad_input_exits_2_before_loading_anything(local_hub, tmp_path,
 
     _, folder, _ = saved_4bit_adapter
     assert cli.main(["push", str(tmp_path / "nowhere"), REPO]) == 2
-    assert "holds no adapter_config.json" in capsys.readouterr().err
+    assert "holds no adapter_config.json or hf_peft_plugin_config.json" in capsys.readouterr().err
     assert cli.main(["push", str(folder), "not a/valid/id"]) == 2
     assert "not a Hub repo id" in capsys.readouterr().err
     assert cli.main(["push", str(folder), REPO, "--base", str(tmp_path / "missing-base")]) == 2
@@ -300,3 +300,36 @@ def test_cli_push_without_a_token_exits_1_and_keeps_the_folder(local_hub, saved_
     assert "none was found" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not local_hub.repo_exists(REPO)
+
+
+def test_cli_push_takes_every_adapter_of_the_folder(local_hub, monkeypatch, tmp_path):
+    """The default adapter at the top (LoRA) and a named one in its sub-folder (a bottleneck
+    adapter, described by this package's own config file) are pushed together."""
+    from hf_peft_plugin import add_adapter, cli, set_active_adapters
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    model = prepare_model(str(base_dir), bits=None, lora=LoraConfig(r=4, alpha=8))
+    add_adapter(model, "fr", bottleneck=BottleneckConfig(reduction_factor=4))
+    set_active_adapters(model, ["default", "fr"])  # both trainable, so both move away from identity
+    shift(model, seed=4)
+    folder = tmp_path / "adapters"
+    save_adapter(model, folder)
+    assert (folder / "fr" / "hf_peft_plugin_config.json").is_file()
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    assert cli.main(["push", str(folder), REPO, "--bits", "none"]) == 0
+    files = local_hub.files(REPO)
+    for path in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()):
+        assert path in files, path
+    from transformers import AutoModelForCausalLM
+
+    ids = token_batch()
+    outputs = {}
+    for name in ("default", "fr"):
+        set_active_adapters(model, [name])
+        kwargs = {} if name == "default" else {"subfolder": name, "adapter_name": name}
+        reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), REPO, **kwargs)
+        with torch.no_grad():
+            outputs[name] = model.eval()(input_ids=ids).logits
+            torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, outputs[name])
+    assert not torch.allclose(outputs["default"], outputs["fr"], atol=1e-3)

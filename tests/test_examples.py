@@ -60,3 +60,17 @@ def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys, local_hub,
     assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved)
     card = files["README.md"].decode()
     assert "4-bit" in card and "nf4" in card
+
+
+def test_quick_start_push_to_pushes_when_a_token_is_present(tmp_path, capsys, local_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    example = load_example("finetune_causal_lm")
+    example.main(
+        ["--max-steps", "1", "--batch-size", "2", "--train-examples", "2", "--eval-examples", "2", "--show", "0",
+         "--output-dir", str(tmp_path / "adapter"), "--push-to", "alice/wordnet-direct"]
+    )
+    printed = capsys.readouterr().out
+    assert f"pushed: {local_hub.endpoint}/alice/wordnet-direct/commit/" in printed
+    assert "hf-peft-plugin push" not in printed
+    files = local_hub.files("alice/wordnet-direct")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from hf_peft_plugin import AdapterCallback, LoraConfig, PromptTuningConfig, prepare_model, save_adapter, trainable_parameters
 
@@ -79,15 +79,22 @@ def main(argv: list[str] | None = None) -> dict:
     test, train = rows[:n_test], rows[n_test:]
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label_ids
-    )
     prompt = (
         PromptTuningConfig(num_virtual_tokens=args.prompt_tokens, init="text", init_text="Is this tweet positive or negative?", tokenizer=tokenizer)
         if args.prompt_tokens
         else None
     )
-    model = prepare_model(base, bits=args.bits or None, lora=LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.05), prompt=prompt)
+    # From the path: quantized while the weights stream in, on the GPU (bf16 compute) when there is one.
+    model = prepare_model(
+        model_path,
+        bits=args.bits or None,
+        lora=LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.05),
+        prompt=prompt,
+        task_type="SEQ_CLS",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id=label_ids,
+    )
     print(trainable_parameters(model))
 
     def encode(part: list[dict]) -> Encoded:

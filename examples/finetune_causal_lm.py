@@ -102,7 +102,7 @@ def answers(model, tokenizer, rows: list[dict]) -> list[str]:
     model.eval()
     out = []
     for row in rows:
-        ids = torch.tensor([prompt_tokens(tokenizer, row["word"])])
+        ids = torch.tensor([prompt_tokens(tokenizer, row["word"])], device=model.device)
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
         out.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " "))
     return out

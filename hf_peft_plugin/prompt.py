@@ -220,12 +220,13 @@ def _check_continues(kwargs: dict[str, Any], user_tokens: int, n: int) -> None:
 
 def _cache_of(values: Any) -> Any:
     """The KV cache in forward kwargs or a model output (``cache`` in transformers 5, formerly
-    ``past_key_values``). Compared with None explicitly: an empty cache has length 0."""
-    if isinstance(values, dict):  # kwargs, or a ModelOutput (a dict); a tuple output carries no name
-        for key in ("cache", "past_key_values"):
-            if values.get(key) is not None:
-                return values[key]
-    return None
+    ``past_key_values``). Compared with None explicitly: an empty cache has length 0. Read from
+    the items: a transformers 5 ``ModelOutput`` answers ``get``/``in`` with the old name by warning
+    the user about deprecation, even when it holds no cache at all."""
+    if not isinstance(values, dict):  # kwargs, or a ModelOutput (a dict); a tuple output carries no name
+        return None
+    found = {k: v for k, v in values.items() if k in ("cache", "past_key_values") and v is not None}
+    return found.get("cache", found.get("past_key_values"))
 
 
 def _prefixed(t: torch.Tensor, n: int, value: int) -> torch.Tensor:

@@ -74,3 +74,14 @@ def test_quick_start_push_to_pushes_when_a_token_is_present(tmp_path, capsys, lo
     assert "hf-peft-plugin push" not in printed
     files = local_hub.files("alice/wordnet-direct")
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+
+
+def test_classify_text_example_learns_tweet_sentiment_with_lora_and_a_soft_prompt(tmp_path, capsys):
+    example = load_example("classify_text")
+    out = tmp_path / "adapter"
+    result = example.main(["--epochs", "1", "--prompt-tokens", "4", "--output-dir", str(out)])
+    assert result["accuracy_after"] >= 0.75 and result["accuracy_after"] > result["accuracy_before"] + 0.15, result
+    assert "held-out accuracy (120 examples, 2 classes)" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    assert json.loads((out / "hf_peft_plugin_config.json").read_text())["prompt"]["num_virtual_tokens"] == 4

@@ -109,6 +109,19 @@ def test_bert_classifier_is_the_base_model_on_prefixed_embeddings():
     assert not torch.allclose(got, without_mask)  # the mask did reach the model
 
 
+def test_forward_without_a_cache_asks_no_deprecated_output_name(monkeypatch):
+    """transformers 5 warns when ``past_key_values`` is read from an output; a BERT classifier's
+    output has no cache, and looking for one must not trigger that warning for the user."""
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: warned.append(message))
+    model = prompted(tiny_bert_classifier())
+    with torch.no_grad():
+        model(input_ids=token_batch())
+    assert warned == []
+
+
 def test_loss_is_the_base_model_on_prefixed_embeddings():
     """Labels are padded over the virtual tokens and the first user token stays unscored."""
     model = prompted(tiny_llama())

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 
-from .artifacts import CONFIG_NAME, EXTRAS_CONFIG_NAME, load_adapter
+from .artifacts import CONFIG_NAME, EXTRAS_CONFIG_NAME, EXTRAS_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
 from .hub import check_repo_id, push_adapter_to_hub
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="user/name or org/name; created if it does not exist")
     push.add_argument("--base", default=None, help="base model path or Hub id (default: the one in adapter_config.json)")
     push.add_argument("--bits", choices=["4", "8", "none"], default="4", help="how the base was quantized in training")
+    push.add_argument(
+        "--num-labels", type=int, default=None, help="classifier width (default: read from the saved head)"
+    )
     push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
     push.add_argument("--revision", default="main", help="branch to commit to")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -131,6 +135,22 @@ def _saved_adapters(folder: Path) -> dict[str | None, Path]:
     return found
 
 
+def _saved_head_width(config_file: Path, config: dict) -> int | None:
+    """Rows of the saved classification head when it is one linear layer (``classifier`` /
+    ``score``): the base must be built with that many labels for the head to load."""
+    heads = config.get("modules_to_save") or []
+    rows = set()
+    for filename in (WEIGHTS_NAME, EXTRAS_WEIGHTS_NAME):
+        path = config_file.parent / filename
+        if heads and path.is_file():
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    parts = key.split(".")
+                    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in heads:
+                        rows.add(f.get_slice(key).get_shape()[0])
+    return rows.pop() if len(rows) == 1 else None
+
+
 def _push(args: argparse.Namespace) -> int:
     """Load base + adapters, then push; everything that can be checked is checked before loading."""
     try:
@@ -151,8 +171,12 @@ def _push(args: argparse.Namespace) -> int:
         if task_type not in TASK_AUTO_CLASSES:
             raise AdapterLoadError(f"{config_file} has task_type {task_type!r}; expected one of {sorted(TASK_AUTO_CLASSES)}.")
         quant = QuantizationConfig(bits=None if args.bits == "none" else int(args.bits))
+        num_labels = args.num_labels or _saved_head_width(config_file, config)
+        kwargs = {}
+        if num_labels and task_type in ("SEQ_CLS", "TOKEN_CLS"):  # the trained head replaces the base's
+            kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
         try:
-            model, _, _ = load_base_model(base, quant, task_type, {})
+            model, _, _ = load_base_model(base, quant, task_type, kwargs)
         except OSError as exc:
             raise AdapterLoadError(f"Could not load the base model {base!r} ({exc}); pass --base <path or Hub id>.") from exc
         for subfolder in adapters:

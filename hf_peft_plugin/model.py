@@ -77,7 +77,8 @@ def prepare_model(
 
     adapters = {"lora": lora, "prompt": prompt, "bottleneck": bottleneck}
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, quant, dtype = load_base_model(os.fspath(model_or_path), quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
+        path = os.fspath(model_or_path)
+        model, quant, dtype = load_base_model(path, quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
         task = task_type or infer_task_type(model)
         plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
     elif isinstance(model_or_path, nn.Module):

@@ -14,7 +14,7 @@ from hf_peft_plugin import BottleneckConfig, ConfigError, HubPushError, LoraConf
 from hf_peft_plugin.artifacts import load_adapter, save_adapter
 from hf_peft_plugin.hub import CARD_END, CARD_START, adapter_model_card, merge_model_card, push_adapter_to_hub
 
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_bert_classifier, tiny_llama, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -333,3 +333,22 @@ def test_cli_push_takes_every_adapter_of_the_folder(local_hub, monkeypatch, tmp_
             outputs[name] = model.eval()(input_ids=ids).logits
             torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, outputs[name])
     assert not torch.allclose(outputs["default"], outputs["fr"], atol=1e-3)
+
+
+def test_cli_push_builds_the_classifier_as_wide_as_the_saved_head(local_hub, monkeypatch, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_peft_plugin import cli
+
+    base_dir = tmp_path / "bert"
+    tiny_bert_classifier(num_labels=2).save_pretrained(base_dir)  # the base's own config says 2
+    three = {"num_labels": 3, "ignore_mismatched_sizes": True}
+    model = prepare_model(str(base_dir), bits=4, lora=LoraConfig(r=4), task_type="SEQ_CLS", **three)
+    shift(model, seed=5)
+    folder = tmp_path / "adapter"
+    save_adapter(model, folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    assert cli.main(["push", str(folder), REPO]) == 0
+    assert "text-classification" in card_on_hub(local_hub).data.pipeline_tag
+    reloaded = load_adapter(AutoModelForSequenceClassification.from_pretrained(base_dir, **three), REPO)
+    assert reloaded.classifier.modules_to_save["default"].out_features == 3

@@ -234,6 +234,21 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+def test_checkpoint_recompute_skips_the_last_frozen_gemm_of_each_block():
+    """Non-reentrant checkpointing recomputes a block only up to the last tensor autograd saved.
+    LoRA terms are computed before the frozen base, so a block's last layer (down_proj) runs its
+    base once per step, not twice; the layers before it are recomputed as usual."""
+    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4), gradient_checkpointing=True).train()
+    calls = {"down_proj": 0, "up_proj": 0}
+    for name in calls:
+        base = model.model.layers[0].mlp.get_submodule(name).base_layer
+        base.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    ids = token_batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == {"down_proj": 1, "up_proj": 2}
+    assert model.model.layers[0].mlp.down_proj.lora_B["default"].weight.grad.abs().sum() > 0
+
+
 def test_bert_classifier_trains_with_head(tmp_path):
     model = prepare_model(tiny_bert_classifier(), bits=4, lora=LoraConfig(r=8, alpha=16))
 

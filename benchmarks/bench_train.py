@@ -154,10 +154,12 @@ def peak_memory(device: str) -> int:
 # -- the two variants ----------------------------------------------------------------------------
 
 
-def load_hf_peft_plugin(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torch.nn.Module:
+def load_hf_peft_plugin(
+    path: str, bits: int | None, gc: bool, dtype: torch.dtype, target_modules: str = "all-linear"
+) -> torch.nn.Module:
     from hf_peft_plugin import LoraConfig, prepare_model
 
-    lora = LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules="all-linear")
+    lora = LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=target_modules)
     return prepare_model(path, bits=bits, lora=lora, compute_dtype=dtype, dtype=dtype, gradient_checkpointing=gc)
 
 
@@ -198,12 +200,7 @@ def load_floor(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> tor
     """The same model with LoRA on one layer only (``q_proj`` of the first block). The loss is still
     back-propagated through every frozen layer to reach it, so its step is what the frozen base
     costs, forward and backward: no LoRA on all linear layers, however written, can be faster."""
-    from hf_peft_plugin import LoraConfig, prepare_model
-
-    one_layer = LoraConfig(
-        r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=r"model\.layers\.0\.self_attn\.q_proj"
-    )
-    return prepare_model(path, bits=bits, lora=one_layer, compute_dtype=dtype, dtype=dtype, gradient_checkpointing=gc)
+    return load_hf_peft_plugin(path, bits, gc, dtype, target_modules=r"model\.layers\.0\.self_attn\.q_proj")
 
 
 LOADERS = {"hf_peft_plugin": load_hf_peft_plugin, "peft": load_peft, FLOOR: load_floor}

@@ -485,14 +485,23 @@ class _Artifact:
     token_dim: int | None = None
 
 
+def adapter_config_file(directory: Path) -> Path | None:
+    """The config that makes ``directory`` an adapter folder (peft's, else this package's own), or ``None``."""
+    return next((directory / n for n in (CONFIG_NAME, EXTRAS_CONFIG_NAME) if (directory / n).is_file()), None)
+
+
+def adapter_subfolders(directory: Path) -> list[str]:
+    """Names of the sub-folders of ``directory`` that are adapter folders (``save_adapter`` puts
+    every adapter but ``default`` in one)."""
+    return sorted(d.name for d in directory.iterdir() if d.is_dir() and adapter_config_file(d) is not None)
+
+
 def _read_artifact(directory: Path) -> _Artifact:
     peft_config_file, extras_config_file = directory / CONFIG_NAME, directory / EXTRAS_CONFIG_NAME
     if not directory.is_dir():
         raise AdapterLoadError(f"{directory} does not exist.")
-    if not peft_config_file.is_file() and not extras_config_file.is_file():
-        subfolders = sorted(
-            d.name for d in directory.iterdir() if (d / CONFIG_NAME).is_file() or (d / EXTRAS_CONFIG_NAME).is_file()
-        )
+    if adapter_config_file(directory) is None:
+        subfolders = adapter_subfolders(directory)
         hint = (
             f" It holds adapters in sub-folders {subfolders}: pass subfolder={subfolders[0]!r} (one per folder)."
             if subfolders

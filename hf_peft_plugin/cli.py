@@ -22,7 +22,15 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from .artifacts import CONFIG_NAME, EXTRAS_CONFIG_NAME, EXTRAS_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter
+from .artifacts import (
+    CONFIG_NAME,
+    EXTRAS_CONFIG_NAME,
+    EXTRAS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    adapter_config_file,
+    adapter_subfolders,
+    load_adapter,
+)
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
 from .hub import check_repo_id, push_adapter_to_hub
@@ -120,18 +128,14 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _saved_adapters(folder: Path) -> dict[str | None, Path]:
-    """The adapters ``save_adapter`` wrote to ``folder``: ``None`` for the top level (``default``),
-    else the sub-folder name; each with the config file that describes it."""
-    def config_in(directory: Path) -> Path | None:
-        return next((directory / n for n in (CONFIG_NAME, EXTRAS_CONFIG_NAME) if (directory / n).is_file()), None)
-
-    found: dict[str | None, Path] = {}
-    if folder.is_dir():
-        if (top := config_in(folder)) is not None:
-            found[None] = top
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if (config := config_in(sub)) is not None:
-                found[sub.name] = config
+    """The adapters ``save_adapter`` wrote to ``folder`` with the config describing each: ``None``
+    for the top level (``default``), else the sub-folder name."""
+    if not folder.is_dir():
+        return {}
+    top = adapter_config_file(folder)
+    found: dict[str | None, Path] = {None: top} if top is not None else {}
+    for name in adapter_subfolders(folder):
+        found[name] = adapter_config_file(folder / name)
     return found
 
 

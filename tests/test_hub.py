@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load
 
-from hf_peft_plugin import BottleneckConfig, ConfigError, HubPushError, LoraConfig, PromptTuningConfig, prepare_model
+from hf_peft_plugin import BottleneckConfig, ConfigError, HubPushError, LoraConfig, PromptTuningConfig, cli, prepare_model
 from hf_peft_plugin.artifacts import load_adapter, save_adapter
 from hf_peft_plugin.hub import CARD_END, CARD_START, adapter_model_card, merge_model_card, push_adapter_to_hub
 
@@ -255,8 +255,6 @@ def saved_4bit_adapter(tmp_path) -> tuple[Path, Path, torch.nn.Module]:
 
 
 def test_cli_push_publishes_a_saved_folder_as_trained(local_hub, monkeypatch, saved_4bit_adapter, capsys):
-    from hf_peft_plugin import cli
-
     base_dir, folder, trained = saved_4bit_adapter
     monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
     assert cli.main(["push", str(folder), REPO, "--bits", "4"]) == 0  # the base is read from the config
@@ -279,8 +277,6 @@ def prepare_model_base(base_dir: Path) -> torch.nn.Module:
 
 
 def test_cli_push_bad_input_exits_2_before_loading_anything(local_hub, tmp_path, saved_4bit_adapter, capsys):
-    from hf_peft_plugin import cli
-
     _, folder, _ = saved_4bit_adapter
     assert cli.main(["push", str(tmp_path / "nowhere"), REPO]) == 2
     assert "holds no adapter_config.json or hf_peft_plugin_config.json" in capsys.readouterr().err
@@ -292,8 +288,6 @@ def test_cli_push_bad_input_exits_2_before_loading_anything(local_hub, tmp_path,
 
 
 def test_cli_push_without_a_token_exits_1_and_keeps_the_folder(local_hub, saved_4bit_adapter, capsys):
-    from hf_peft_plugin import cli
-
     _, folder, _ = saved_4bit_adapter
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert cli.main(["push", str(folder), REPO]) == 1
@@ -305,7 +299,7 @@ def test_cli_push_without_a_token_exits_1_and_keeps_the_folder(local_hub, saved_
 def test_cli_push_takes_every_adapter_of_the_folder(local_hub, monkeypatch, tmp_path):
     """The default adapter at the top (LoRA) and a named one in its sub-folder (a bottleneck
     adapter, described by this package's own config file) are pushed together."""
-    from hf_peft_plugin import add_adapter, cli, set_active_adapters
+    from hf_peft_plugin import add_adapter, set_active_adapters
 
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
@@ -337,8 +331,6 @@ def test_cli_push_takes_every_adapter_of_the_folder(local_hub, monkeypatch, tmp_
 
 def test_cli_push_builds_the_classifier_as_wide_as_the_saved_head(local_hub, monkeypatch, tmp_path):
     from transformers import AutoModelForSequenceClassification
-
-    from hf_peft_plugin import cli
 
     base_dir = tmp_path / "bert"
     tiny_bert_classifier(num_labels=2).save_pretrained(base_dir)  # the base's own config says 2

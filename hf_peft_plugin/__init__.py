@@ -15,7 +15,9 @@ from .errors import (
     QuantizationUnavailableError,
     TargetModulesError,
 )
-from .artifacts import load_adapter, merge_adapters, merge_and_unload, save_adapter, unmerge_adapters
+from .loading import load_adapter
+from .merging import merge_adapters, merge_and_unload, unmerge_adapters
+from .saving import save_adapter
 from .hub import push_adapter_to_hub
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (

@@ -1,6 +1,6 @@
 """``AdapterCallback``: what an unchanged ``transformers.Trainer`` needs to train a prepared model.
 
-Checkpoints. The model's ``save_pretrained`` (see :mod:`~hf_peft_plugin.artifacts`) already makes
+Checkpoints. The model's ``save_pretrained`` (see :mod:`~hf_peft_plugin.adapter_class`) already makes
 every ``checkpoint-N/`` hold the adapter files instead of base weights. The Trainer, though, only
 reloads adapters into peft's ``PeftModel``: for any other model, ``resume_from_checkpoint`` and
 ``load_best_model_at_end`` look for ``model.safetensors`` and pass its tensors to
@@ -40,7 +40,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .artifacts import write_atomically
+from .saving import write_atomically
 from .errors import ConfigError, HubPushError
 from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters

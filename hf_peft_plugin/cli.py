@@ -22,14 +22,14 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from .artifacts import (
+from .loading import load_adapter
+from .peft_format import (
     CONFIG_NAME,
     EXTRAS_CONFIG_NAME,
     EXTRAS_WEIGHTS_NAME,
     WEIGHTS_NAME,
     adapter_config_file,
     adapter_subfolders,
-    load_adapter,
 )
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError

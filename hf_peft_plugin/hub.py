@@ -24,7 +24,8 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .artifacts import CONFIG_NAME, EXTRAS_CONFIG_NAME, save_adapter
+from .peft_format import CONFIG_NAME, EXTRAS_CONFIG_NAME
+from .saving import save_adapter
 from .errors import ConfigError, HubPushError
 from .model import trainable_parameters
 from .state import TASK_AUTO_CLASSES, AdapterSpec, AdapterState, require_state

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from .artifacts import make_adapter_aware
+from .adapter_class import make_adapter_aware
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError
 from .lora import LoraLinear

@@ -65,7 +65,7 @@ class AdapterState:
     compute_dtype: torch.dtype
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    #: The class the model had before :func:`~hf_peft_plugin.artifacts.make_adapter_aware`.
+    #: The class the model had before :func:`~hf_peft_plugin.adapter_class.make_adapter_aware`.
     original_class: type | None = None
 
 

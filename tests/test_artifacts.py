@@ -36,11 +36,13 @@ from hf_peft_plugin import (
     prepare_model,
     set_active_adapters,
 )
-from hf_peft_plugin.artifacts import load_adapter, merge_adapters, merge_and_unload, save_adapter, unmerge_adapters
 from hf_peft_plugin.config import QuantizationConfig
 from hf_peft_plugin.heads import TrainableCopy
+from hf_peft_plugin.loading import load_adapter
 from hf_peft_plugin.lora import LoraLinear
+from hf_peft_plugin.merging import merge_adapters, merge_and_unload, unmerge_adapters
 from hf_peft_plugin.quantization import quantize_model
+from hf_peft_plugin.saving import save_adapter
 from hf_peft_plugin.state import STATE_ATTRIBUTE
 
 from tiny_models import VOCAB, perturb_trainable, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_peft_plugin import cli
-from hf_peft_plugin.artifacts import load_adapter
+from hf_peft_plugin.loading import load_adapter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -11,8 +11,9 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load
 
 from hf_peft_plugin import BottleneckConfig, ConfigError, HubPushError, LoraConfig, PromptTuningConfig, cli, prepare_model
-from hf_peft_plugin.artifacts import load_adapter, save_adapter
 from hf_peft_plugin.hub import CARD_END, CARD_START, adapter_model_card, merge_model_card, push_adapter_to_hub
+from hf_peft_plugin.loading import load_adapter
+from hf_peft_plugin.saving import save_adapter
 
 from tiny_models import tiny_bert_classifier, tiny_llama, token_batch
 

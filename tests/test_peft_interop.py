@@ -13,9 +13,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hf_peft_plugin import BottleneckConfig, LoraConfig, PromptTuningConfig, prepare_model
-from hf_peft_plugin.artifacts import load_adapter, save_adapter
 from hf_peft_plugin.config import QuantizationConfig
+from hf_peft_plugin.loading import load_adapter
 from hf_peft_plugin.quantization import load_quantized_model, quantize_model, unpack_cpu_4bit
+from hf_peft_plugin.saving import save_adapter
 
 from tiny_models import perturb_trainable, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 

@@ -1,0 +1,119 @@
+"""The adapter-aware class swap: what makes a prepared model's ``save_pretrained`` (which the
+Trainer calls) write only the adapter.
+
+It sits just above the layers and :mod:`~hf_peft_plugin.state`, below saving, loading and
+``model.py``, which all call :func:`make_adapter_aware`. The mixin's methods delegate to
+:mod:`~hf_peft_plugin.saving` and :mod:`~hf_peft_plugin.loading`, imported when called: those
+modules attach adapters through this one, so importing them here at the top would be a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import STATE_ATTRIBUTE, AdapterState, adapter_state, require_state
+from .targeting import adapter_layers
+
+
+class AdapterModelMixin:
+    """Mixed into a prepared model's class so that ``save_pretrained`` (which the Trainer calls for
+    every checkpoint and for ``save_model``) writes the adapter and never the frozen base weights.
+
+    It also replaces the peft-integration methods transformers puts on every model, which would add
+    peft's own layers next to ours: ``save_adapter``, ``load_adapter``, ``get_adapter_state_dict``,
+    ``active_adapters`` and ``enable_adapters``/``disable_adapters`` (which some model code calls)
+    work on this package's adapters; ``add_adapter``, ``set_adapter`` and ``delete_adapter`` raise
+    and name the function to use instead. The Trainer calls none of them for a model that is not a
+    ``peft.PeftModel``.
+    """
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, state_dict: Any = None, is_main_process: bool = True, **kwargs: Any
+    ) -> None:
+        from .saving import save_adapter
+
+        if is_main_process:
+            save_adapter(self, save_directory)
+
+    def save_adapter(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        from .saving import save_adapter
+
+        save_adapter(self, save_directory, adapter_name)
+
+    def load_adapter(self, path_or_repo: str | os.PathLike, adapter_name: str = "default", **kwargs: Any) -> nn.Module:
+        from .loading import load_adapter
+
+        return load_adapter(self, path_or_repo, adapter_name=adapter_name, **kwargs)
+
+    def get_adapter_state_dict(
+        self, adapter_name: str | None = None, state_dict: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the keys :func:`save_adapter` writes (``None``: the first active one)."""
+        from .saving import Tensors, adapter_files
+
+        state = require_state(self)
+        name = adapter_name or (state.active[0] if state.active else next(iter(state.adapters)))
+        files = adapter_files(self, state, name).values()
+        return {k: v for f in files if isinstance(f, Tensors) for k, v in f.tensors.items()}
+
+    def active_adapters(self) -> list[str]:
+        return list(require_state(self).active)
+
+    def enable_adapters(self) -> None:
+        for _, layer in adapter_layers(self):
+            layer.adapters_disabled = False
+
+    def disable_adapters(self) -> None:
+        """Until :meth:`enable_adapters`, compute what the base model computes (transformers' API;
+        ``with hf_peft_plugin.disable_adapters(model):`` is the scoped form)."""
+        for _, layer in adapter_layers(self):
+            layer.adapters_disabled = True
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        _not_here("add_adapter", "hf_peft_plugin.add_adapter(model, name, lora=LoraConfig(...))")
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        _not_here("set_adapter", "hf_peft_plugin.set_active_adapters(model, names)")
+
+    def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
+        _not_here("delete_adapter", "hf_peft_plugin.delete_adapter(model, name)")
+
+
+def _not_here(method: str, instead: str) -> None:
+    raise TypeError(
+        f"model.{method}() is transformers' peft integration, which would add peft layers next to this "
+        f"package's adapters. Use {instead} instead."
+    )
+
+
+_ADAPTER_AWARE_CLASSES: dict[type, type] = {}
+
+
+def make_adapter_aware(model: nn.Module, state: AdapterState) -> None:
+    """Attach ``state`` and swap in a subclass of the model's own class that saves adapters only.
+
+    A subclass (rather than patching the instance) keeps ``isinstance`` checks, ``deepcopy`` and
+    the model's own methods working. ``_hf_peft_config_loaded`` is what transformers' Trainer looks
+    at to accept a quantized model with adapters attached.
+    """
+    cls = type(model)
+    if not issubclass(cls, AdapterModelMixin):
+        state.original_class = cls
+        aware = _ADAPTER_AWARE_CLASSES.get(cls)
+        if aware is None:
+            aware = type(
+                cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            )
+            _ADAPTER_AWARE_CLASSES[cls] = aware
+        model.__class__ = aware
+    setattr(model, STATE_ATTRIBUTE, state)
+    model._hf_peft_config_loaded = True
+
+
+def base_class(model: nn.Module) -> type:
+    state = adapter_state(model)
+    return state.original_class if state is not None and state.original_class is not None else type(model)

@@ -12,6 +12,7 @@ from .errors import (
     HubPushError,
     MemoryBudgetError,
     MergeError,
+    NotATransformersModelError,
     QuantizationUnavailableError,
     TargetModulesError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MemoryEstimate",
     "MemoryPlan",
     "MergeError",
+    "NotATransformersModelError",
     "PromptTuningConfig",
     "QuantizationConfig",
     "QuantizationUnavailableError",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BottleneckConfig
-from .errors import ConfigError, TargetModulesError
+from .errors import AdapterNameError, ConfigError, TargetModulesError
 
 ADAPTER_DTYPE = torch.float32
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -51,7 +51,7 @@ class BottleneckAdapter(nn.Module):
 
     def add_adapter(self, name: str, width: int, non_linearity: str, device: torch.device) -> None:
         if name in self.down:
-            raise ValueError(f"bottleneck adapter {name!r} already exists here")
+            raise AdapterNameError(f"bottleneck adapter {name!r} already exists here")
         self.down[name] = nn.Linear(self.hidden_size, width, device=device, dtype=ADAPTER_DTYPE)
         up = nn.Linear(width, self.hidden_size, device=device, dtype=ADAPTER_DTYPE)
         nn.init.zeros_(up.weight)  # zero up-projection: the adapted model starts as the base model

@@ -41,7 +41,7 @@ def _check_regex(pattern: str, what: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"{what}={pattern!r} is not a valid regular expression: {exc}.") from None
+        raise ConfigError(f"{what}={pattern!r} is not a valid regular expression: {exc}.") from exc
 
 
 @dataclass
@@ -73,7 +73,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer (e.g. 8 or 16); got {self.r!r}.")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0 or not math.isfinite(self.alpha):
+        if not _positive_finite(self.alpha):
             raise ConfigError(f"LoraConfig.alpha must be a positive number (commonly 2*r); got {self.alpha!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1); got {self.dropout!r}.")
@@ -83,14 +83,22 @@ class LoraConfig:
             raise ConfigError("LoraConfig.target_modules is empty; use 'all-linear' or name the modules to adapt.")
         self.target_modules = _as_selector(self.target_modules, "LoraConfig.target_modules")
         self.exclude_modules = _as_selector(self.exclude_modules, "LoraConfig.exclude_modules")
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), dict):
+                raise ConfigError(
+                    f"LoraConfig.{what} must be a dict from module-name regex to value, e.g. {{'q_proj': 16}}; "
+                    f"got {getattr(self, what)!r}."
+                )
         for pattern, rank in self.rank_pattern.items():
             _check_regex(pattern, "LoraConfig.rank_pattern key")
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{pattern!r}] must be a positive integer; got {rank!r}.")
         for pattern, alpha in self.alpha_pattern.items():
             _check_regex(pattern, "LoraConfig.alpha_pattern key")
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ConfigError(f"LoraConfig.alpha_pattern[{pattern!r}] must be a positive number; got {alpha!r}.")
+            if not _positive_finite(alpha):
+                raise ConfigError(
+                    f"LoraConfig.alpha_pattern[{pattern!r}] must be a positive finite number (like alpha); got {alpha!r}."
+                )
         if self.modules_to_save is not None:
             self.modules_to_save = tuple(self.modules_to_save)
 
@@ -103,6 +111,11 @@ class LoraConfig:
     def scaling_for(self, module_path: str) -> float:
         r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _positive_finite(value: Any) -> bool:
+    """A positive, finite int or float (not a bool): what an alpha can be, in the config or a pattern."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:

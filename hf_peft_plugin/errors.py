@@ -20,6 +20,10 @@ class TargetModulesError(HfPeftPluginError, ValueError):
     """``target_modules`` (or another module selector) matched nothing usable."""
 
 
+class NotATransformersModelError(HfPeftPluginError, TypeError):
+    """``prepare_model`` was given a module that is not a transformers ``PreTrainedModel``."""
+
+
 class AlreadyPreparedError(HfPeftPluginError, ValueError):
     """``prepare_model`` was called on a model that already carries adapters."""
 

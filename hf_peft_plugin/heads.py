@@ -13,6 +13,8 @@ from typing import Iterable
 
 from torch import nn
 
+from .errors import AdapterNameError
+
 
 class TrainableCopy(nn.Module):
     """Routes the forward to the active adapter's copy of ``original_module``."""
@@ -26,7 +28,7 @@ class TrainableCopy(nn.Module):
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
-            raise ValueError(f"adapter {name!r} already has a copy of this module")
+            raise AdapterNameError(f"adapter {name!r} already has a copy of this module")
         trained = copy.deepcopy(self.original_module)
         for p in trained.parameters():
             p.requires_grad_(True)
@@ -46,15 +48,22 @@ class TrainableCopy(nn.Module):
             del self.modules_to_save[name]
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
-    def forward(self, *args, **kwargs):
+    def routed_module(self) -> nn.Module:
+        """The module the forward runs: the first active adapter's copy (two active copies of one
+        head cannot both answer), or the original when none is active or adapters are disabled."""
         if self.adapters_disabled or not self.active_adapters:
-            return self.original_module(*args, **kwargs)
-        # Two active copies of one head cannot both answer; the first active adapter wins.
-        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.routed_module()(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # Model code reads attributes of its head (``classifier.out_features``, ``.weight``).
-            return getattr(super().__getattr__("original_module"), name)
+            if "adapters_disabled" not in self.__dict__:  # half-built (unpickling, deepcopy): no routing yet
+                raise
+            # Model code reads attributes of its head (``classifier.out_features``, ``.weight``):
+            # those of the module that computes, i.e. the trained copy while it is active.
+            return getattr(self.routed_module(), name)

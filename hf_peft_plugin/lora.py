@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import AdapterNameError, ConfigError, MergeError
 from .quantization import dequantized_weight, is_quantized_linear, linear_shape, requantized_like, unpack_cpu_4bit
 
 LORA_DTYPE = torch.float32  # trainable weights stay fp32 whatever the compute dtype
@@ -72,7 +73,7 @@ class LoraLinear(nn.Module):
         init: str = "default",
     ) -> None:
         if name in self.lora_A:
-            raise ValueError(f"LoRA adapter {name!r} already exists on this layer")
+            raise AdapterNameError(f"LoRA adapter {name!r} already exists on this layer")
         device = self._base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=LORA_DTYPE)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=LORA_DTYPE)
@@ -81,7 +82,9 @@ class LoraLinear(nn.Module):
         self.r[name] = r
         self._init_adapter(name, init)
         if use_dora:
-            norm = self._dense_weight().norm(p=2, dim=1)
+            # ||W + s B A||, so the layer starts as the base: PiSSA has moved the principal part of W
+            # into B A, and the norm of the residual alone would rescale every row.
+            norm = (self._dense_weight() + self.delta_weight(name)).norm(p=2, dim=1)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(LORA_DTYPE))
 
     def _init_adapter(self, name: str, init: str) -> None:
@@ -96,12 +99,12 @@ class LoraLinear(nn.Module):
             elif init == "pissa":
                 self._init_pissa(name)
             else:
-                raise ValueError(f"unknown LoRA init {init!r}")
+                raise ConfigError(f"unknown LoRA init {init!r}; use 'default', 'gaussian' or 'pissa'")
 
     def _init_pissa(self, name: str) -> None:
         """Principal singular vectors into A/B, the residual into the base weight (PiSSA)."""
         if is_quantized_linear(self.base_layer):
-            raise ValueError(
+            raise ConfigError(
                 "init='pissa' rewrites the base weight, which a quantized base cannot take exactly; "
                 "use bits=None with PiSSA, or init='default' on a quantized model."
             )
@@ -119,7 +122,7 @@ class LoraLinear(nn.Module):
 
     def set_active_adapters(self, names: Iterable[str]) -> None:
         if self.merged_adapters:
-            raise RuntimeError("unmerge() before changing the active adapters of a merged layer")
+            raise MergeError("unmerge_adapters(model) before changing the active adapters of a merged layer")
         self.active_adapters = tuple(n for n in names if n in self.lora_A)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -130,7 +133,7 @@ class LoraLinear(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+            raise MergeError(f"adapter {name!r} is merged; unmerge_adapters(model) before deleting it")
         for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in container:
                 del container[name]

@@ -161,7 +161,43 @@ def load_model_config(model_name_or_config: Any) -> PretrainedConfig:
             f"{transformers.__version__}. Upgrade transformers, or pass the config of a supported architecture; "
             "models that need trust_remote_code are not supported."
         )
-    return CONFIG_MAPPING[model_type](**fields)
+    check_dimensions(fields, _display_name(model_name_or_config))  # before transformers sees them
+    try:
+        return CONFIG_MAPPING[model_type](**fields)
+    except Exception as exc:  # transformers validates some fields itself, with any exception type
+        raise ConfigError(
+            f"The {model_type} config of {_display_name(model_name_or_config)} is invalid "
+            f"({type(exc).__name__}: {exc}); fix its config.json."
+        ) from exc
+
+
+#: Dimensions the planner builds a meta model from, with a bound far above any real model's: a
+#: hostile config.json (``num_hidden_layers: 1e9``) must be refused, not built for hours.
+_DIMENSION_BOUNDS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 131_072,
+    "intermediate_size": 1_048_576,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 8192,
+    "vocab_size": 4_194_304,
+    "max_position_embeddings": 16_777_216,
+}
+
+
+def check_dimensions(config: Any, name: str) -> None:
+    """Raise :class:`ConfigError` unless every dimension of ``config`` (a config or its fields) is a
+    positive, bounded integer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field_name, bound in _DIMENSION_BOUNDS.items():
+        value = text.get(field_name) if isinstance(text, Mapping) else getattr(text, field_name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bound:
+            raise ConfigError(
+                f"The config of {name} has {field_name}={value!r}; it must be a positive integer of at most "
+                f"{bound:,}. Fix its config.json."
+            )
 
 
 def _read_config_json(name: str) -> dict[str, Any]:
@@ -271,14 +307,16 @@ def _build_inventory(
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     auto_class = getattr(transformers, TASK_AUTO_CLASSES[task_type])
+    check_dimensions(config, name)
     try:
         with init_empty_weights(include_buffers=True):
             model = auto_class.from_config(copy.deepcopy(config), dtype=dtype)
-    except (ValueError, KeyError) as exc:
+    except Exception as exc:  # a config transformers accepted but cannot build from, whatever the error type
         raise ConfigError(
             f"transformers cannot build a {task_type} model ({auto_class.__name__}) from the {config.model_type} "
-            f"config of {name} ({exc}). Pass the task_type this model is made for, e.g. task_type='FEATURE_EXTRACTION'."
-        ) from None
+            f"config of {name} ({type(exc).__name__}: {exc}). Fix the config, or pass the task_type this model is "
+            "made for, e.g. task_type='FEATURE_EXTRACTION'."
+        ) from exc
     skip = QuantizationConfig(keep_full_precision=keep_full_precision).skip_modules
     quantizable = [(path, linear_shape(m), m.weight) for path, m in quantizable_linears(model, skip)]
 
@@ -363,15 +401,17 @@ def _block(
             continue
         module = model.get_submodule(p)
         parent = p.rpartition(".")[0]
-        if isinstance(module, LoraLinear) and "default" in module.r:
+        # The adapter being estimated is the one active, whatever its name.
+        name = module.active_adapters[0] if isinstance(module, LoraLinear) and module.active_adapters else None
+        if name is not None:
             linears.append(
                 _Linear(
                     parent,
                     module.in_features,
                     module.out_features,
-                    rank=module.r["default"],
-                    dora="default" in module.lora_magnitude_vector,
-                    dropout=not isinstance(module.lora_dropout["default"], nn.Identity),
+                    rank=module.r[name],
+                    dora=name in module.lora_magnitude_vector,
+                    dropout=not isinstance(module.lora_dropout[name], nn.Identity),
                 )
             )
         else:

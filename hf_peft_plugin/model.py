@@ -11,10 +11,11 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .adapter_class import make_adapter_aware
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
-from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError
+from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
 from .lora import LoraLinear
 from .names import validate_adapter_name
 from .quantization import (
@@ -74,6 +75,11 @@ def prepare_model(
         raise ConfigError(f"task_type must be one of {sorted(TASK_AUTO_CLASSES)}; got {task_type!r}.")
     if lora is None and prompt is None and bottleneck is None:
         lora = LoraConfig()
+    if lora is not None and lora.init == "pissa" and quant.bits is not None:
+        raise ConfigError(
+            f"LoraConfig(init='pissa') rewrites the base weights, which a {quant.bits}-bit base cannot take exactly. "
+            "Use bits=None with PiSSA, or init='default' on a quantized model."
+        )
 
     adapters = {"lora": lora, "prompt": prompt, "bottleneck": bottleneck}
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -85,6 +91,12 @@ def prepare_model(
         if from_pretrained_kwargs:
             raise TypeError(f"Unexpected arguments for an already loaded model: {sorted(from_pretrained_kwargs)}.")
         model = model_or_path
+        if not isinstance(model, PreTrainedModel):
+            raise NotATransformersModelError(
+                f"prepare_model takes a transformers model (a PreTrainedModel, e.g. from "
+                f"AutoModelForCausalLM.from_pretrained), a local path or a Hub id; got a {type(model).__name__}. "
+                "Wrap plain torch modules in a transformers model, or use LoraLinear on the layers directly."
+            )
         if adapter_state(model) is not None:
             raise AlreadyPreparedError(
                 "This model was already prepared (it carries adapters "
@@ -126,11 +138,39 @@ def load_base_model(
     auto_class = getattr(transformers, TASK_AUTO_CLASSES[task_type])
     if torch.cuda.is_available():
         kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
-    device = "cuda" if kwargs.get("device_map") not in (None, "cpu", {"": "cpu"}) else "cpu"
+    device = device_map_type(kwargs.get("device_map"))
     dtype = quant.compute_dtype or default_compute_dtype(device)
     if quant.bits is not None:
         check_bitsandbytes_for(device)
     return load_quantized_model(path, quant, dtype, auto_class, **kwargs), quant, dtype
+
+
+def device_map_type(device_map: Any) -> str:
+    """The device type (``"cpu"``, ``"cuda"``, ``"xpu"``, ...) the weights of ``device_map`` compute on.
+
+    Takes what ``from_pretrained`` takes: ``None``, a device (``"mps"``, ``"cuda:1"``, an index,
+    a ``torch.device``), a strategy (``"auto"``, ``"balanced"``, ...) or a dict of those per module.
+    Several places: the first accelerator among them (``"cpu"``/``"disk"`` offload compute there).
+    """
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, Mapping):
+        types = [device_map_type(v) for v in device_map.values()]
+        return next((t for t in types if t != "cpu"), "cpu")
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, str) and device_map == "disk":
+        return "cpu"
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+        raise ConfigError(
+            f"device_map must be a device ('cpu', 'cuda:0', 0), 'auto' or a dict of those; got {device_map!r}."
+        )
+    if isinstance(device_map, int):  # an accelerator index, as in from_pretrained
+        return torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cuda"
+    try:
+        return torch.device(device_map).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device_map={device_map!r} names no device torch knows ({exc}).") from exc
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -160,10 +200,20 @@ def add_adapter(
     validate_adapter_name(name)
     if name in state.adapters:
         raise AdapterNameError(f"An adapter named {name!r} already exists; pick another name or delete_adapter() it.")
+    _refuse_when_merged(model, f"add adapter {name!r}")
     state.adapters[name] = attach_adapter_set(
         model, name, task_type=state.task_type, lora=lora, prompt=prompt, bottleneck=bottleneck
     )
     set_active_adapters(model, state.active)
+
+
+def _refuse_when_merged(model: nn.Module, action: str) -> None:
+    merged = [path for path, layer in adapter_layers(model) if getattr(layer, "merged_adapters", None)]
+    if merged:
+        raise MergeError(
+            f"Cannot {action}: the model's adapters are merged (e.g. at {merged[0]}). "
+            "Call unmerge_adapters(model) first."
+        )
 
 
 def active_adapters(model: nn.Module) -> list[str]:

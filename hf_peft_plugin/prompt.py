@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import PromptTuningConfig
-from .errors import ConfigError
+from .errors import AdapterNameError, ConfigError
 
 PROMPT_MODULE = "prompt_encoder"
 #: Tasks whose inputs the soft prompt can be prepended to (token-level labels are padded).
@@ -68,7 +68,7 @@ class SoftPrompt(nn.Module):
     # -- AdapterLayer protocol -----------------------------------------------------------------
     def add_adapter(self, name: str, weight: torch.Tensor) -> None:
         if name in self.embeddings:
-            raise ValueError(f"soft prompt {name!r} already exists")
+            raise AdapterNameError(f"soft prompt {name!r} already exists")
         self.embeddings[name] = nn.Parameter(weight.detach().to(torch.float32).clone())
 
     def adapter_names(self) -> list[str]:
@@ -188,7 +188,7 @@ class SoftPrompt(nn.Module):
         if output is None:  # the forward raised; its error is the one to report
             return
         if never_spliced:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{type(model).__name__} never called its input embedding layer "
                 f"({type(model.get_input_embeddings()).__name__}), so the soft prompt could not be inserted."
             )

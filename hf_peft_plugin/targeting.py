@@ -19,7 +19,7 @@ from .errors import AdapterNameError, ConfigError, TargetModulesError
 from .heads import TrainableCopy
 from .lora import LoraLinear
 from .prompt import check_prompt_supported, ensure_soft_prompt, initial_prompt, soft_prompt_of
-from .quantization import is_linear
+from .quantization import is_linear, is_quantized_linear
 from .state import TASK_HEADS, AdapterSpec, AdapterState
 
 
@@ -215,6 +215,14 @@ def plan_adapter_set(
         name=name, task_type=task_type, lora=lora, prompt=prompt, bottleneck=bottleneck, head_names=head_names
     )
     plan.lora_targets = lora_targets(model, lora, exclude=head_names) if lora is not None else []
+    if lora is not None and lora.init == "pissa":
+        layers = [model.get_submodule(p) for p in plan.lora_targets]
+        quantized = [p for p, m in zip(plan.lora_targets, layers) if is_quantized_linear(getattr(m, "base_layer", m))]
+        if quantized:
+            raise ConfigError(
+                f"LoraConfig(init='pissa') rewrites the base weights, which the quantized layers {quantized[:3]} "
+                "cannot take exactly. Use init='default' on a quantized model, or PiSSA on an unquantized one."
+            )
     plan.heads = head_paths(model, head_names)
     if lora is not None and lora.modules_to_save and not plan.heads:
         raise TargetModulesError(

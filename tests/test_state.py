@@ -1,0 +1,176 @@
+"""Adapter state and plan-then-apply: each check runs before the model changes, and layer
+defects found in review (issue 14) stay fixed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import hf_peft_plugin as hp
+from hf_peft_plugin import ConfigError, LoraConfig, MergeError, NotATransformersModelError, prepare_model
+from hf_peft_plugin.lora import LoraLinear
+from hf_peft_plugin.state import require_state
+
+from tiny_models import tiny_bert_classifier, tiny_llama, token_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def module_types(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in model.modules()]
+
+
+def lora_names(model: nn.Module) -> dict[str, list[str]]:
+    return {p: list(m.lora_A) for p, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def train_lora_b(model: nn.Module, std: float = 0.3) -> None:
+    """Move every LoRA away from identity, as training would."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
+
+
+# -- refused up front, the model untouched ---------------------------------------------------------
+
+
+def test_a_plain_torch_module_is_refused_before_quantizing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(NotATransformersModelError, match="PreTrainedModel"):
+        prepare_model(model, bits=4)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
+def test_pissa_on_a_quantized_base_is_refused_before_anything_changes(tmp_path):
+    model = tiny_llama()
+    before = module_types(model)
+    with pytest.raises(ConfigError, match="pissa"):
+        prepare_model(model, bits=4, lora=LoraConfig(init="pissa"))
+    assert module_types(model) == before  # neither quantized nor wrapped
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="pissa"):
+        prepare_model(str(tmp_path), bits=4, lora=LoraConfig(init="pissa"))
+    prepared = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=2))
+    layers = lora_names(prepared)
+    with pytest.raises(ConfigError, match="pissa"):
+        hp.add_adapter(prepared, "p", lora=LoraConfig(init="pissa"))
+    assert lora_names(prepared) == layers and list(require_state(prepared).adapters) == ["default"]
+
+
+def test_add_adapter_on_a_merged_model_is_refused_before_attaching():
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.merge_adapters(model)
+    layers = lora_names(model)
+    with pytest.raises(MergeError, match="unmerge_adapters"):
+        hp.add_adapter(model, "b", lora=LoraConfig(r=2))
+    assert lora_names(model) == layers and list(require_state(model).adapters) == ["default"]
+
+
+# -- layer numerics --------------------------------------------------------------------------------
+
+
+def test_pissa_with_dora_is_the_identity_at_init():
+    base, ids = tiny_llama(), token_batch()
+    model = prepare_model(copy.deepcopy(base), bits=None, lora=LoraConfig(r=4, init="pissa", use_dora=True))
+    torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_copy_exposes_the_trained_head():
+    model = prepare_model(tiny_bert_classifier(), bits=None, lora=LoraConfig(r=2))
+    head = model.classifier
+    trained = head.modules_to_save["default"]
+    assert head.weight is trained.weight and head.weight.requires_grad
+    with hp.disable_adapters(model):
+        assert head.weight is head.original_module.weight
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+
+def test_device_map_names_its_device_type(tmp_path):
+    from hf_peft_plugin.model import device_map_type
+
+    assert device_map_type("cpu") == device_map_type({"": "cpu"}) == device_map_type(None) == "cpu"
+    assert device_map_type(torch.device("cpu")) == device_map_type({"a": "cpu", "b": "disk"}) == "cpu"
+    assert device_map_type("cuda:1") == device_map_type(0) == "cuda"
+    assert device_map_type("mps") == "mps" and device_map_type({"a": "cpu", "b": "xpu:0"}) == "xpu"
+    with pytest.raises(ConfigError, match="device_map"):
+        device_map_type("gpu please")
+    # A CPU map spelled another way loads here (it used to be taken for CUDA and refused).
+    tiny_llama().save_pretrained(tmp_path)
+    model = prepare_model(str(tmp_path), bits=4, lora=LoraConfig(r=2), device_map={"": torch.device("cpu")})
+    assert require_state(model).compute_dtype in (torch.float32, torch.bfloat16)
+    assert logits(model, token_batch()).isfinite().all()
+
+
+# -- configs and the planner -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0, True, "16"])
+def test_alpha_pattern_values_are_checked_like_alpha(bad):
+    with pytest.raises(ConfigError, match="alpha"):
+        LoraConfig(alpha_pattern={"q_proj": bad})
+    with pytest.raises(ConfigError, match="alpha"):
+        LoraConfig(alpha=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 4.0, 0, True, "8"])
+def test_rank_pattern_values_are_checked_like_r(bad):
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        LoraConfig(rank_pattern={"q_proj": bad})
+
+
+def test_patterns_must_be_dicts():
+    with pytest.raises(ConfigError, match="rank_pattern must be a dict"):
+        LoraConfig(rank_pattern="abc")
+    with pytest.raises(ConfigError, match="alpha_pattern must be a dict"):
+        LoraConfig(alpha_pattern=["q_proj"])
+
+
+def test_memory_estimate_reads_the_active_adapter_whatever_its_name():
+    from hf_peft_plugin.memory import _block
+    from hf_peft_plugin.targeting import linear_layers
+
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=4, use_dora=True), adapter_name="mine")
+    block = _block(model, "model.layers.0", linear_layers(model), [])
+    assert {lin.rank for lin in block.linears} == {4} and all(lin.dora for lin in block.linears)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("hidden_size", -64), ("num_hidden_layers", 1e9), ("num_hidden_layers", 10**9), ("vocab_size", 0)],
+)
+def test_planner_refuses_hostile_dimensions_quickly(tmp_path, capsys, field, value):
+    from hf_peft_plugin.cli import main
+
+    config = tiny_llama().config.to_dict()
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    assert main(["plan", str(tmp_path), "--budget", "8GiB"]) == 2
+    assert main(["estimate", str(tmp_path)]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert field in err and "positive integer" in err
+
+
+def test_planner_reports_other_config_failures_as_exit_2(tmp_path, capsys):
+    from hf_peft_plugin.cli import main
+
+    config = tiny_llama().config.to_dict()
+    config["num_attention_heads"] = 7  # 64 is not a multiple of 7: transformers refuses the config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["estimate", str(tmp_path)]) == 2
+    assert "invalid" in capsys.readouterr().err

@@ -34,10 +34,20 @@ class AdapterModelMixin:
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, state_dict: Any = None, is_main_process: bool = True, **kwargs: Any
     ) -> None:
-        from .saving import save_adapter
+        """Write the adapter (never the base weights). Into a Trainer checkpoint (``checkpoint-N``) it
+        also writes what resuming needs (:mod:`~hf_peft_plugin.checkpoints`), in the same unit."""
+        from .checkpoints import TRAINABLE_WEIGHTS_NAME, mark_checkpoint_started, trainable_weights, wants_resume_file
+        from .saving import write_adapters
 
-        if is_main_process:
-            save_adapter(self, save_directory)
+        if not is_main_process:
+            return
+        if not wants_resume_file(self, save_directory):
+            write_adapters(self, save_directory)
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        mark_checkpoint_started(save_directory)
+        resume_file = {TRAINABLE_WEIGHTS_NAME: trainable_weights(self, save_directory)}
+        write_adapters(self, save_directory, extra_files=lambda root: resume_file)
 
     def save_adapter(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         from .saving import save_adapter
@@ -73,6 +83,12 @@ class AdapterModelMixin:
         for _, layer in adapter_layers(self):
             layer.adapters_disabled = True
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The swapped-in class is made at run time, so pickle cannot find it by name (it has the
+        # original's qualname): a prepared model pickles as "the adapter-aware class of <the
+        # original class>" plus its state, which any process importing this package rebuilds.
+        return (_rebuild, (type(self)._hf_peft_plugin_base,), self.__getstate__())
+
     def add_adapter(self, *args: Any, **kwargs: Any) -> None:
         _not_here("add_adapter", "hf_peft_plugin.add_adapter(model, name, lora=LoraConfig(...))")
 
@@ -103,15 +119,24 @@ def make_adapter_aware(model: nn.Module, state: AdapterState) -> None:
     cls = type(model)
     if not issubclass(cls, AdapterModelMixin):
         state.original_class = cls
-        aware = _ADAPTER_AWARE_CLASSES.get(cls)
-        if aware is None:
-            aware = type(
-                cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-            )
-            _ADAPTER_AWARE_CLASSES[cls] = aware
-        model.__class__ = aware
+        model.__class__ = adapter_aware_class(cls)
     setattr(model, STATE_ATTRIBUTE, state)
     model._hf_peft_config_loaded = True
+
+
+def adapter_aware_class(cls: type) -> type:
+    """The subclass of ``cls`` that prepared models get (one per class, made on first use)."""
+    aware = _ADAPTER_AWARE_CLASSES.get(cls)
+    if aware is None:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_hf_peft_plugin_base": cls}
+        aware = _ADAPTER_AWARE_CLASSES[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
+    return aware
+
+
+def _rebuild(cls: type) -> nn.Module:
+    """Unpickling: an empty instance of the adapter-aware class of ``cls``; pickle then sets its state."""
+    aware = adapter_aware_class(cls)
+    return aware.__new__(aware)
 
 
 def base_class(model: nn.Module) -> type:

@@ -1,16 +1,13 @@
 """``AdapterCallback``: what an unchanged ``transformers.Trainer`` needs to train a prepared model.
 
-Checkpoints. The model's ``save_pretrained`` (see :mod:`~hf_peft_plugin.adapter_class`) already makes
-every ``checkpoint-N/`` hold the adapter files instead of base weights. The Trainer, though, only
-reloads adapters into peft's ``PeftModel``: for any other model, ``resume_from_checkpoint`` and
-``load_best_model_at_end`` look for ``model.safetensors`` and pass its tensors to
-``model.load_state_dict(..., strict=False)``. So ``on_save`` writes that file holding the
-*trainable* tensors only, under the model's own parameter names, plus a marker entry; a
-load-state-dict post-hook on the model drops the marker and the frozen base keys from the
-"missing keys" the Trainer would otherwise warn about. The Trainer then restores the adapter itself,
-at the points where it restores full models (before the optimizer state on resume; before
-``on_train_end`` for the best model), for LoRA, soft prompts and bottleneck adapters alike.
-``on_save`` runs after the Trainer's own checkpoint push, so the Trainer never uploads that file.
+Checkpoints. The model's ``save_pretrained`` (see :mod:`~hf_peft_plugin.adapter_class`) makes
+every ``checkpoint-N/`` hold the adapter files instead of base weights, plus the
+``model.safetensors`` of trainable tensors that the Trainer's resume and best-model restore read
+(see :mod:`~hf_peft_plugin.checkpoints`). The callback hooks the model so that loading that file
+does not warn about the frozen base keys, and refuses a checkpoint whose save was interrupted,
+naming the last complete one. The Trainer then restores the adapter itself, at the points where it
+restores full models (before the optimizer state on resume; before ``on_train_end`` for the best
+model), for LoRA, soft prompts and bottleneck adapters alike.
 
 Pushes (``push_to_hub="user/repo"``) are staged on the training thread (the adapter is written to a
 temporary folder, which takes as long as a checkpoint of it) and uploaded by one background thread.
@@ -25,22 +22,24 @@ the script (``save_model``, evaluation) run, and nothing is lost.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import tempfile
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .saving import write_atomically
+from .checkpoints import (
+    TRAINABLE_WEIGHTS_NAME,
+    enable_trainable_checkpoint_loading,
+    save_trainable_weights,
+    write_resume_file_after_push,
+)
 from .errors import ConfigError, HubPushError
 from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters
@@ -56,45 +55,10 @@ logger = logging.getLogger(__name__)
 HubStrategy = Literal["end", "every_save", "checkpoint"]
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 
-#: transformers' SAFE_WEIGHTS_NAME: what ``Trainer._load_from_checkpoint``/``_load_best_model`` read.
-TRAINABLE_WEIGHTS_NAME = "model.safetensors"
-#: A 0-d entry of that file: it is adapter-only on purpose, the frozen base keys are not missing.
-TRAINABLE_ONLY_MARKER = "_hf_peft_plugin_trainable_only"
 #: Folder of the repo that holds the resumable checkpoint with ``hub_strategy="checkpoint"``.
 HUB_CHECKPOINT_FOLDER = "last-checkpoint"
 #: Checkpoint files never uploaded: the pickled TrainingArguments may hold ``hub_token``.
 _NEVER_UPLOADED = ("training_args.bin",)
-
-
-# -- adapter-only checkpoints the Trainer can reload ---------------------------------------------
-
-
-def save_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the trainable tensors of ``model`` to ``directory/model.safetensors`` (atomically)."""
-    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    tensors[TRAINABLE_ONLY_MARKER] = torch.zeros(())
-    path = Path(directory) / TRAINABLE_WEIGHTS_NAME
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-
-def _drop_frozen_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:
-    """Post-hook of ``load_state_dict``: a state dict carrying the marker is adapter-only, so only
-    trainable parameters it lacks are missing. Other loads are left alone."""
-    if TRAINABLE_ONLY_MARKER not in incompatible_keys.unexpected_keys:
-        return
-    incompatible_keys.unexpected_keys.remove(TRAINABLE_ONLY_MARKER)
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k in trainable]
-
-
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def enable_trainable_checkpoint_loading(model: nn.Module) -> None:
-    """Let ``model.load_state_dict(strict=False)`` take a :func:`save_trainable_weights` file quietly."""
-    if model not in _HOOKED:
-        model.register_load_state_dict_post_hook(_drop_frozen_missing_keys)
-        _HOOKED.add(model)
 
 
 # -- logging -------------------------------------------------------------------------------------
@@ -215,7 +179,8 @@ class AdapterCallback(TrainerCallback):
             if not checkpoint.is_dir():
                 logger.warning("hf_peft_plugin: %s does not exist; not adding the resumable adapter file.", checkpoint)
                 return
-            save_trainable_weights(kwargs["model"], checkpoint)
+            if not (checkpoint / TRAINABLE_WEIGHTS_NAME).is_file():  # save_pretrained wrote it unless renamed
+                save_trainable_weights(kwargs["model"], checkpoint)
         self._last_checkpoint = checkpoint
         if self._pusher is not None and self.hub_strategy != "end":
             message = f"Training in progress, step {state.global_step}"
@@ -254,6 +219,8 @@ class AdapterCallback(TrainerCallback):
     def _attach(self, model: nn.Module, args: TrainingArguments) -> None:
         require_state(model)
         enable_trainable_checkpoint_loading(model)
+        if args.push_to_hub:  # the Trainer uploads checkpoints: model.safetensors comes after, in on_save
+            write_resume_file_after_push(model)
         if self._pushing and args.push_to_hub:
             logger.warning(
                 "hf_peft_plugin: TrainingArguments(push_to_hub=True) makes the Trainer push (the adapter only); "

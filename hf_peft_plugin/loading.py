@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapter_class import base_class, make_adapter_aware
+from .atomic import reading
 from .bottleneck import MODULE_NAMES
 from .config import QuantizationConfig
 from .errors import AdapterLoadError, AdapterNameError, ConfigError, TargetModulesError
@@ -44,7 +45,8 @@ def load_adapter(
     model the adapter becomes its only, active adapter; on a prepared model it is added next to the
     others, inactive (activate it with ``set_active_adapters``). ``is_trainable=False`` freezes it
     and puts the model in eval mode (as peft does); ``True`` resumes training. A base model that
-    does not look like the one the adapter was saved for is a warning, an error with
+    does not look like the one the adapter was saved for, a config that is not the one saved with
+    the weights, or weights holding NaN/inf, are warnings naming the problem; errors with
     ``strict=True``. Everything is checked before the model is touched: on error it is left exactly
     as it was.
     """
@@ -60,10 +62,17 @@ def load_adapter(
         raise AdapterLoadError(
             f"The model's adapters are merged (e.g. {merged[0]}); call unmerge_adapters(model) first."
         )
-    artifact = read_artifact(_adapter_directory(path_or_repo, subfolder, revision, token))
+    directory = _adapter_directory(path_or_repo, subfolder, revision, token)
+    if directory.is_dir():
+        with reading(directory):  # never between the files of a save (see hf_peft_plugin.atomic)
+            artifact = read_artifact(directory)
+    else:
+        artifact = read_artifact(directory)  # says that it does not exist
     task_type = state.task_type if state is not None else infer_task_type(model)
     _check_base(model, artifact, task_type, strict)
-    _attach(model, state, _plan(model, artifact, task_type, adapter_name), is_trainable)
+    plan = _plan(model, artifact, task_type, adapter_name)
+    _check_problems(artifact, strict)  # after the precise errors (shapes, base): they say more
+    _attach(model, state, plan, is_trainable)
     return model
 
 
@@ -94,6 +103,15 @@ def _adapter_directory(
         raise AdapterLoadError(
             f"{repo_id} is not a local folder, and downloading it from the Hub failed ({type(exc).__name__}: {exc})."
         ) from None
+
+
+def _check_problems(artifact: Artifact, strict: bool) -> None:
+    if not artifact.problems:
+        return
+    message = f"The adapter in {artifact.directory} looks damaged: " + "; ".join(artifact.problems) + "."
+    if strict:
+        raise AdapterLoadError(message + " (strict=True)")
+    warnings.warn(message + " Loading it anyway; pass strict=True to make this an error.", UserWarning, stacklevel=3)
 
 
 def _check_base(model: nn.Module, artifact: Artifact, task_type: str, strict: bool) -> None:

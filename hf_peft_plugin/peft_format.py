@@ -27,6 +27,7 @@ adapter folder on its own; :mod:`~hf_peft_plugin.loading` then checks it against
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -53,6 +54,11 @@ PROMPT_PREFIX = "base_model."
 PROMPT_KEY = "prompt_embeddings"
 #: safetensors metadata entry naming the base model class, checked on load.
 BASE_CLASS_METADATA = "hf_peft_plugin.base_model_class"
+#: safetensors metadata entries of the weights this package writes: the adapter's name, and the
+#: SHA-256 of the config file written with them (a config from another save is caught on load).
+ADAPTER_NAME_METADATA = "hf_peft_plugin.adapter_name"
+CONFIG_HASH_METADATA = "hf_peft_plugin.config_sha256"
+CONFIG_FOR_WEIGHTS = {WEIGHTS_NAME: CONFIG_NAME, EXTRAS_WEIGHTS_NAME: EXTRAS_CONFIG_NAME}
 
 INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
 PROMPT_INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -115,6 +121,9 @@ class Artifact:
     prompt_weight: torch.Tensor | None = None
     #: token_dim recorded in the config, checked against the model's hidden size.
     token_dim: int | None = None
+    #: What is loadable but suspicious (a config from another save, NaN/inf tensors): a warning,
+    #: an error with ``strict=True``.
+    problems: list[str] = field(default_factory=list)
 
 
 def adapter_config_file(directory: Path) -> Path | None:
@@ -144,6 +153,7 @@ def read_artifact(directory: Path) -> Artifact:
     if peft_config_file.is_file():
         config = _read_json(peft_config_file)
         tensors, metadata = _read_safetensors(_weights_file(directory, WEIGHTS_NAME))
+        _check_integrity(artifact, config, peft_config_file, directory / WEIGHTS_NAME, tensors, metadata)
         artifact.base_class = (config.get("auto_mapping") or {}).get("base_model_class") or metadata.get(
             BASE_CLASS_METADATA
         )
@@ -162,11 +172,53 @@ def read_artifact(directory: Path) -> Artifact:
     if extras_config_file.is_file():
         tensors, metadata = _read_safetensors(_weights_file(directory, EXTRAS_WEIGHTS_NAME))
         extras_config = _read_json(extras_config_file)
+        _check_integrity(artifact, extras_config, extras_config_file, directory / EXTRAS_WEIGHTS_NAME, tensors, metadata)
         artifact.base_class = (
             artifact.base_class or extras_config.get("base_model_class") or metadata.get(BASE_CLASS_METADATA)
         )
         _parse_extras(artifact, extras_config, tensors)
     return artifact
+
+
+def canonical_json(config: Any) -> bytes:
+    """How this package writes a config file."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+#: Config fields that describe where the adapter comes from rather than what its weights compute:
+#: users edit them (a local copy of the base, a new tokenizer path), so they are left out of the hash.
+_NOT_HASHED = {
+    "base_model_name_or_path", "base_model_class", "revision", "inference_mode", "peft_version", "auto_mapping",
+    "task_type", "tokenizer_name_or_path", "tokenizer_kwargs",
+}  # fmt: skip
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of what in ``config`` decides how the weights are read (rank, scaling, modules, ...)."""
+    return hashlib.sha256(canonical_json({k: v for k, v in config.items() if k not in _NOT_HASHED})).hexdigest()
+
+
+def _check_integrity(
+    artifact: Artifact,
+    config: dict[str, Any],
+    config_path: Path,
+    weights_path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
+    stamped = metadata.get(CONFIG_HASH_METADATA)
+    if stamped is not None and stamped != config_hash(config):
+        artifact.problems.append(
+            f"{config_path.name} is not the config that was saved with {weights_path.name} (it was edited, or "
+            "written by another program or save, afterwards), so the weights may be read with the wrong rank or "
+            "scaling. If you did not edit it, save the adapter again"
+        )
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        artifact.problems.append(
+            f"{weights_path.name} holds NaN or infinite values in {bad[:5]}{' (+more)' if len(bad) > 5 else ''}: "
+            "the training that produced it diverged, and the model would output NaN. Use an earlier checkpoint"
+        )
 
 
 def _weights_file(directory: Path, name: str) -> Path:

@@ -1,7 +1,7 @@
 """Saving adapters to folders in the format of :mod:`~hf_peft_plugin.peft_format`.
 
-Every file goes to a temporary file in its folder and is moved into place with ``os.replace``, so
-an interrupted save leaves the previous file whole.
+Each adapter folder is written as one unit by :mod:`~hf_peft_plugin.atomic`: an interrupted or
+concurrent save leaves the whole previous adapter or the whole new one, never a mix.
 """
 
 from __future__ import annotations
@@ -9,23 +9,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
 from .adapter_class import base_class
+from .atomic import folder_lock, remove_folder, write_folder
 from .bottleneck import BottleneckAdapter, bottleneck_width
 from .config import BottleneckConfig, PromptTuningConfig
 from .errors import AdapterNameError
 from .heads import TrainableCopy
 from .lora import LoraLinear
 from .peft_format import (
+    ADAPTER_NAME_METADATA,
     ARTIFACT_FILES,
+    CONFIG_FOR_WEIGHTS,
+    CONFIG_HASH_METADATA,
     CONFIG_NAME,
     EXTRAS_CONFIG_NAME,
     EXTRAS_FORMAT_VERSION,
@@ -36,6 +40,9 @@ from .peft_format import (
     PROMPT_KEY,
     PROMPT_PREFIX,
     WEIGHTS_NAME,
+    adapter_subfolders,
+    canonical_json,
+    config_hash,
 )
 from .prompt import PROMPT_MODULE, SoftPrompt
 from .state import AdapterState, require_state
@@ -54,8 +61,23 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     """Write adapter ``adapter_name`` (``None``: every adapter) of ``model`` to ``save_directory``.
 
     ``default`` lands in ``save_directory`` itself, any other adapter in ``save_directory/<name>``.
-    Only the adapter tensors are written, never the frozen base weights.
+    Only the adapter tensors are written, never the frozen base weights. Each adapter folder is
+    written as one unit (see :mod:`~hf_peft_plugin.atomic`): a reader, or a save killed halfway,
+    sees the whole previous adapter or the whole new one. Saving every adapter (``None``) also
+    removes what an earlier save left for adapters the model no longer has, so the folder holds
+    exactly the model's adapters.
     """
+    write_adapters(model, save_directory, adapter_name)
+
+
+def write_adapters(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    extra_files: Callable[[Path], dict[str, bytes]] | None = None,
+) -> None:
+    """:func:`save_adapter`, plus ``extra_files(root)`` (name -> bytes) written with the root's adapter,
+    in the same unit (what a Trainer checkpoint needs to resume)."""
     state = require_state(model)
     names = list(state.adapters) if adapter_name is None else [adapter_name]
     unknown = [n for n in names if n not in state.adapters]
@@ -63,43 +85,77 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
         raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
     root = Path(save_directory)
     # Everything is built before the first byte is written: a bad adapter fails the whole save early.
-    planned = [(root if name == "default" else root / name, adapter_files(model, state, name)) for name in names]
-    for directory, files in planned:
+    planned = {
+        root if name == "default" else root / name: serialize(adapter_files(model, state, name), name) for name in names
+    }
+    if adapter_name is None:
+        planned.setdefault(root, {})  # the root's leftovers of an earlier save go too
+    if extra_files is not None:
+        planned.setdefault(root, {}).update(extra_files(root))
+    for directory in planned:
         directory.mkdir(parents=True, exist_ok=True)
-        for filename, content in files.items():
-            if isinstance(content, Tensors):
-                write_atomically(directory / filename, lambda tmp, c=content: _save_safetensors(c, tmp))
-            else:
-                text = json.dumps(content, indent=2, sort_keys=True) + "\n"
-                write_atomically(directory / filename, lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
-        for stale in set(ARTIFACT_FILES) - set(files):  # e.g. the extras of an earlier save of another kind
-            with contextlib.suppress(FileNotFoundError):
-                (directory / stale).unlink()
+    with contextlib.ExitStack() as locks:
+        for directory in sorted(planned, key=lambda d: str(d.resolve())):  # one order: no deadlock
+            locks.enter_context(folder_lock(directory, exclusive=True))
+        for directory, files in planned.items():
+            write_folder(directory, files, remove=ARTIFACT_FILES)
+        if adapter_name is None:
+            for stale in _stale_adapter_folders(root, names):
+                remove_folder(root / stale)
 
 
-def _save_safetensors(content: Tensors, path: str) -> None:
-    safetensors.torch.save_file(content.tensors, path, metadata=content.metadata)
+def _stale_adapter_folders(root: Path, names: list[str]) -> list[str]:
+    """Sub-folders an earlier :func:`save_adapter` of a whole set wrote for an adapter not in ``names``.
+
+    Recognised by the adapter name stamped in their weights (equal to the folder name), so a
+    sub-folder that holds something else (a Trainer checkpoint, an adapter saved there on its own)
+    is kept.
+    """
+    stale = []
+    for sub in adapter_subfolders(root):
+        if sub in names:
+            continue
+        with contextlib.suppress(Exception):  # unreadable: not ours to judge, keep it
+            stamped = {
+                safetensors.safe_open(str(root / sub / w), framework="pt").metadata().get(ADAPTER_NAME_METADATA)
+                for w in (WEIGHTS_NAME, EXTRAS_WEIGHTS_NAME)
+                if (root / sub / w).is_file()
+            }
+            if stamped == {sub}:
+                stale.append(sub)
+    return stale
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write`` a temporary file next to ``path``, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+def serialize(files: dict[str, dict | Tensors], name: str) -> dict[str, bytes]:
+    """The bytes of each file. Weights carry the adapter's name and the SHA-256 of their config, so a
+    config rewritten by someone else is caught on load."""
+    out: dict[str, bytes] = {}
+    for filename, content in files.items():
+        if isinstance(content, Tensors):
+            config = files[CONFIG_FOR_WEIGHTS[filename]]
+            metadata = {**content.metadata, ADAPTER_NAME_METADATA: name, CONFIG_HASH_METADATA: config_hash(config)}
+            out[filename] = safetensors_bytes(content.tensors, metadata)
+        else:
+            out[filename] = canonical_json(content)
+    return out
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with its metadata in sorted order: safetensors writes the map in random
+    order, and identical adapters must give identical bytes (or every unchanged push would make a
+    new commit)."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data must stay 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def adapter_files(model: nn.Module, state: AdapterState, name: str) -> dict[str, dict | Tensors]:
     """File name -> JSON object or tensors, for one adapter set (see the module docstring)."""
     spec = state.adapters[name]
-    # One metadata key only: safetensors writes a map's keys in random order, and identical
-    # adapters must give identical bytes (or every unchanged push would make a new commit).
     metadata = {"format": "pt"}
     files: dict[str, dict | Tensors] = {}
     extras: dict[str, Any] = {}

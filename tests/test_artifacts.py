@@ -33,9 +33,11 @@ from hf_peft_plugin import (
     MergeError,
     PromptTuningConfig,
     add_adapter,
+    delete_adapter,
     prepare_model,
     set_active_adapters,
 )
+from hf_peft_plugin import atomic
 from hf_peft_plugin.config import QuantizationConfig
 from hf_peft_plugin.heads import TrainableCopy
 from hf_peft_plugin.loading import load_adapter
@@ -276,13 +278,17 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     save_adapter(model, tmp_path)
     good = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def dies_halfway(tensors, filename, metadata=None):
-        data = safetensors.torch.save(tensors, metadata=metadata)
-        with open(filename, "wb") as f:
-            f.write(data[: len(data) // 2])
-        raise OSError("No space left on device")
+    real_write = atomic._write_bytes
+    written = []
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    def dies_halfway(path, data):  # the disk fills up while the second file is written
+        if written:
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError("No space left on device")
+        written.append(path)
+        real_write(path, data)
+
+    monkeypatch.setattr(atomic, "_write_bytes", dies_halfway)
     perturb_trainable(model, seed=5)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(model, tmp_path)
@@ -626,3 +632,62 @@ def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         contents = {(tmp_path / str(i) / name).read_bytes() for i in range(5)}
         assert len(contents) == 1, name
+
+
+# -- whole folders, integrity, pickling ---------------------------------------------------------
+
+
+def test_saving_every_adapter_removes_those_the_model_no_longer_has(tmp_path):
+    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4))
+    add_adapter(model, "fr", lora=LoraConfig(r=2, target_modules=["q_proj"]))
+    add_adapter(model, "de", lora=LoraConfig(r=2, target_modules=["v_proj"]))
+    save_adapter(model, tmp_path)
+    save_adapter(adapted("llama-4bit-dora"), tmp_path / "checkpoint-10")  # not written as a named adapter: kept
+    assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES | {"fr", "de", "checkpoint-10"}
+
+    delete_adapter(model, "fr")
+    save_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES | {"de", "checkpoint-10"}
+    save_adapter(model, tmp_path, adapter_name="de")  # one adapter: the others are left alone
+    assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES | {"de", "checkpoint-10"}
+    delete_adapter(model, "default")
+    save_adapter(model, tmp_path)  # no default any more: the top-level files go too
+    assert {p.name for p in tmp_path.iterdir()} == {"de", "checkpoint-10"}
+
+
+def test_nan_or_inf_weights_warn_naming_the_tensor_or_fail_with_strict(tmp_path):
+    model = adapted("gpt2-plain")
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+        layer.lora_A["default"].weight[0, 0] = float("inf")
+    save_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"NaN or infinite values in \['base_model\.model\.transformer\.h\.0"):
+        load_adapter(tiny_gpt2(), tmp_path)
+    plain = tiny_gpt2()
+    before = snapshot(plain)
+    with pytest.raises(AdapterLoadError, match=r"NaN or infinite.*lora_[AB]\.weight.*strict=True"):
+        load_adapter(plain, tmp_path, strict=True)
+    assert_untouched(plain, before)
+
+
+def test_edited_scaling_fields_are_caught_but_editing_where_it_comes_from_is_fine(llama_adapter):
+    edit_config(llama_adapter, base_model_name_or_path="/models/local-copy", revision="abc")
+    load_adapter(base(tiny_llama, 4), llama_adapter, strict=True)
+    edit_config(llama_adapter, lora_alpha=64)
+    with pytest.warns(UserWarning, match="adapter_config.json is not the config that was saved with"):
+        load_adapter(base(tiny_llama, 4), llama_adapter)
+    with pytest.raises(AdapterLoadError, match="not the config that was saved"):
+        load_adapter(base(tiny_llama, 4), llama_adapter, strict=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_save_of_a_prepared_model_round_trips(case, tmp_path):
+    model = adapted(case)
+    torch.save(model, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(again) is type(model) and isinstance(again, CASES[case][0]().__class__)
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    again.save_pretrained(tmp_path / "saved")  # still saves the adapter only
+    assert PEFT_FILES <= {p.name for p in (tmp_path / "saved").iterdir()}
+    assert type(pickle.loads(pickle.dumps(model))) is type(model)

@@ -14,9 +14,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_peft_plugin.callback as callback_module
 from hf_peft_plugin import ConfigError, HubPushError, LoraConfig, PromptTuningConfig, prepare_model
-from hf_peft_plugin.callback import (
+from hf_peft_plugin.callback import AdapterCallback
+from hf_peft_plugin.checkpoints import (
+    CHECKPOINT_FOLDER_KEY,
     TRAINABLE_ONLY_MARKER,
-    AdapterCallback,
     enable_trainable_checkpoint_loading,
     save_trainable_weights,
 )
@@ -111,7 +112,7 @@ def test_checkpoints_and_save_model_write_no_base_weights(tmp_path, monkeypatch)
         return wrapper
 
     monkeypatch.setattr(safetensors.torch, "save_file", spy("safetensors", safetensors.torch.save_file))
-    monkeypatch.setattr(callback_module, "save_file", spy("safetensors", callback_module.save_file))
+    monkeypatch.setattr(safetensors.torch, "save", spy("safetensors", safetensors.torch.save))
     monkeypatch.setattr(torch, "save", spy("torch.save", torch.save))
 
     model = model_with()
@@ -125,6 +126,7 @@ def test_checkpoints_and_save_model_write_no_base_weights(tmp_path, monkeypatch)
         *(f"base_model.model.{n.replace('.default', '')}" for n in adapter),  # the PEFT-format adapter file
         *adapter,  # model.safetensors: the same tensors under the model's own names
         TRAINABLE_ONLY_MARKER,
+        CHECKPOINT_FOLDER_KEY,
     }
     # torch.save writes the optimizer (Adam moments shaped like the trainable tensors, 0-d steps),
     # the scheduler, the RNG states (1-D uint8) and the arguments: nothing shaped like a base weight.
@@ -164,7 +166,8 @@ def test_trainable_weights_file_loads_quietly_only_with_its_marker(tmp_path):
     save_trainable_weights(trained, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     unhooked = model_with().load_state_dict(tensors, strict=False)
-    assert unhooked.unexpected_keys == [TRAINABLE_ONLY_MARKER] and len(unhooked.missing_keys) > 20
+    assert set(unhooked.unexpected_keys) == {TRAINABLE_ONLY_MARKER, CHECKPOINT_FOLDER_KEY}
+    assert len(unhooked.missing_keys) > 20
 
     model = model_with()
     enable_trainable_checkpoint_loading(model)
@@ -173,7 +176,7 @@ def test_trainable_weights_file_loads_quietly_only_with_its_marker(tmp_path):
     assert hooked.missing_keys == [] and hooked.unexpected_keys == []
     a, b = trainable(trained), trainable(model)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    partial = {k: v for k, v in tensors.items() if k != TRAINABLE_ONLY_MARKER}  # other loads: unchanged
+    partial = {k: v for k, v in tensors.items() if not k.startswith("_hf_peft_plugin")}  # other loads: unchanged
     assert len(model.load_state_dict(partial, strict=False).missing_keys) > 20
     with pytest.raises(RuntimeError, match="Missing key"):
         model.load_state_dict(partial)

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from hf_peft_plugin import AdapterCallback, LoraConfig, PromptTuningConfig, prepare_model, save_adapter, trainable_parameters
+from hf_peft_plugin.packing import padding_free_collator
 
 DATA = Path(__file__).resolve().parent / "data" / "wordnet_glosses.jsonl"
 QUESTION = "What does the word '{word}' mean? Answer with a short definition."
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--show", type=int, default=4, help="held-out questions answered before and after")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--padded", action="store_true", help="pad batches to their longest row instead of packing them")
     p.add_argument("--output-dir", default="outputs/wordnet-lora")
     p.add_argument("--push-to", default=None, help="user/repo to push the adapter to (needs a token)")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +97,19 @@ def pad_collator(pad_id: int):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return collate
+
+
+class TokenCounter:
+    """Counts the real (non-pad) tokens of the model's training forwards (a forward pre-hook)."""
+
+    def __init__(self, model) -> None:
+        self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True, prepend=True)  # before a soft prompt
+
+    def __call__(self, model, args: tuple, kwargs: dict) -> None:
+        if model.training:
+            mask = kwargs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else kwargs["input_ids"].numel()
 
 
 @torch.no_grad()
@@ -154,18 +169,26 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         remove_unused_columns=False,
     )
+    # Padding-free batches: each batch is one row of concatenated examples, positions restarting
+    # per example, no pad tokens (hf_peft_plugin.packing); --padded pads to the longest row instead.
+    collate = pad_collator(tokenizer.pad_token_id) if args.padded else padding_free_collator(model)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=GlossDataset(train_rows, tokenizer, args.seq_len),
         eval_dataset=GlossDataset(eval_rows, tokenizer, args.seq_len),
-        data_collator=pad_collator(tokenizer.pad_token_id),
+        data_collator=collate,
         callbacks=[AdapterCallback()],
     )
 
     loss_before = trainer.evaluate()["eval_loss"]
     shown_before = answers(model, tokenizer, show_rows)
-    trainer.train()
+    counter = TokenCounter(model)
+    runtime = trainer.train().metrics["train_runtime"]
+    counter.handle.remove()
+    tokens_per_second = counter.tokens / runtime
+    print(f"\ntrained on {counter.tokens:,} real tokens in {runtime:.0f} s: {tokens_per_second:,.0f} tokens/s "
+          f"({'padded' if args.padded else 'padding-free'} batches)")
     loss_after = trainer.evaluate()["eval_loss"]
     shown_after = answers(model, tokenizer, show_rows)
 
@@ -188,7 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
             + " ".join(shlex.quote(part) if part != "<user>/wordnet-lora" else part for part in command)
             + "\nor train and push in one go with --push-to <user>/<repo>"
         )
-    return {"loss_before": loss_before, "loss_after": loss_after, "answers_before": shown_before, "answers_after": shown_after}
+    return {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "answers_before": shown_before,
+        "answers_after": shown_after,
+        "tokens_per_second": tokens_per_second,
+    }
 
 
 def _size_kib(directory: str) -> float:

@@ -20,6 +20,7 @@ from .loading import load_adapter
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters
 from .saving import save_adapter
 from .hub import push_adapter_to_hub
+from .packing import padding_free_collator
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (
     active_adapters,
@@ -63,6 +64,7 @@ __all__ = [
     "load_adapter",
     "merge_adapters",
     "merge_and_unload",
+    "padding_free_collator",
     "plan_for_memory",
     "prepare_model",
     "print_trainable_parameters",

@@ -18,6 +18,7 @@ from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, Quantizati
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
 from .lora import LoraLinear
 from .names import validate_adapter_name
+from .packing import guard_packed_batches
 from .quantization import (
     Footprint,
     adopt_or_quantize,
@@ -122,6 +123,7 @@ def prepare_model(
         adapters={adapter_name: spec},
     )
     make_adapter_aware(model, state)
+    guard_packed_batches(model)  # padding-free batches: no cache, and a clear error where unsupported
     set_active_adapters(model, [adapter_name])
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)

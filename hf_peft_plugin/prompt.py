@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import PromptTuningConfig
 from .errors import AdapterNameError, ConfigError
+from .packing import first_of_each_example, is_packed, packed_prompt_layout, sequence_starts, splice_prompt, spread
 
 PROMPT_MODULE = "prompt_encoder"
 #: Tasks whose inputs the soft prompt can be prepended to (token-level labels are padded).
@@ -63,6 +64,7 @@ class SoftPrompt(nn.Module):
         # embedding layer, and the one-shot hook that splices it in.
         self._pending: torch.Tensor | None = None
         self._splice: RemovableHandle | None = None
+        self._slots: torch.Tensor | None = None  # padding-free batches: where each example's prompt goes
         self._prefilled = 0
 
     # -- AdapterLayer protocol -----------------------------------------------------------------
@@ -134,6 +136,8 @@ class SoftPrompt(nn.Module):
 
     def _prepend(self, model: nn.Module, kwargs: dict[str, Any], prompt: torch.Tensor) -> None:
         n = prompt.shape[0]
+        if kwargs.get("attention_mask") is None and is_packed(kwargs.get("position_ids")):
+            return self._prepend_per_example(model, kwargs, prompt)
         if kwargs.get("input_ids") is not None:
             kwargs["input_ids"] = _prefixed(kwargs["input_ids"], n, self.placeholder_id)
             self._pending = prompt
@@ -157,6 +161,28 @@ class SoftPrompt(nn.Module):
             kwargs["labels"] = _prefixed(labels, n, -100)
         self._prefilled = n
 
+    def _prepend_per_example(self, model: nn.Module, kwargs: dict[str, Any], prompt: torch.Tensor) -> None:
+        """A padding-free batch (:mod:`.packing`): the prompt goes before every example of the row,
+        each example's positions shift by ``n`` and its first token stays unscored, as when padded."""
+        n = prompt.shape[0]
+        positions = kwargs["position_ids"]
+        source, slots, kwargs["position_ids"] = packed_prompt_layout(positions, n)
+        if kwargs.get("input_ids") is not None:
+            kwargs["input_ids"] = spread(kwargs["input_ids"], source, self.placeholder_id)
+            self._pending, self._slots = prompt, slots
+            self._splice = model.get_input_embeddings().register_forward_hook(self._splice_prompt)
+        else:
+            kwargs["inputs_embeds"] = splice_prompt(spread(kwargs["inputs_embeds"], source, 0.0), prompt, slots)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = spread(kwargs["token_type_ids"], source, 0)
+        labels = kwargs.get("labels")
+        if labels is not None:
+            labels = spread(labels, source, -100)
+            if self.task_type == "CAUSAL_LM":
+                labels = labels.masked_fill(first_of_each_example(source, sequence_starts(positions)), -100)
+            kwargs["labels"] = labels
+        self._prefilled = n
+
     def _check_length(self, model: nn.Module, kwargs: dict[str, Any], cached: int, n: int) -> None:
         inputs = kwargs.get("input_ids")
         if inputs is None:
@@ -164,6 +190,9 @@ class SoftPrompt(nn.Module):
         if inputs is None or self.max_positions is None:
             return
         total = cached + inputs.shape[1] + (0 if cached else n)
+        positions = kwargs.get("position_ids")
+        if not cached and kwargs.get("attention_mask") is None and is_packed(positions):
+            total = int(positions.max()) + 1 + n  # padding-free: each example gets its own prompt
         if total > self.max_positions:
             model_type = getattr(model.config, "model_type", type(model).__name__)
             raise ConfigError(
@@ -176,6 +205,9 @@ class SoftPrompt(nn.Module):
         prompt, self._pending = self._pending, None
         self._splice.remove()
         self._splice = None
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            return splice_prompt(output, prompt, slots)
         rows = prompt.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
         return torch.cat([rows, output[:, prompt.shape[0] :]], dim=1)
 
@@ -183,7 +215,7 @@ class SoftPrompt(nn.Module):
         never_spliced = self._splice is not None
         if never_spliced:
             self._splice.remove()
-        self._splice, self._pending = None, None
+        self._splice, self._pending, self._slots = None, None, None
         prefilled, self._prefilled = self._prefilled, 0
         if output is None:  # the forward raised; its error is the one to report
             return

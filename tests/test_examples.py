@@ -37,6 +37,7 @@ def test_quick_start_fine_tune_lowers_held_out_loss(tmp_path, capsys, local_hub,
     assert result["loss_after"] < result["loss_before"] - 0.2, result
     printed = capsys.readouterr().out
     assert "held-out loss:" in printed and "| word | WordNet | before | after |" in printed
+    assert "tokens/s (padding-free batches)" in printed and result["tokens_per_second"] > 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
     assert not (out / "model.safetensors").exists()

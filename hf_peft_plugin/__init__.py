@@ -14,11 +14,13 @@ from .errors import (
     MergeError,
     NotATransformersModelError,
     QuantizationUnavailableError,
+    ShardingError,
     TargetModulesError,
 )
 from .loading import load_adapter
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters
 from .saving import save_adapter
+from .fsdp import shard_model, unshard_model
 from .hub import push_adapter_to_hub
 from .packing import padding_free_collator
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
@@ -54,6 +56,7 @@ __all__ = [
     "PromptTuningConfig",
     "QuantizationConfig",
     "QuantizationUnavailableError",
+    "ShardingError",
     "TargetModulesError",
     "active_adapters",
     "add_adapter",
@@ -71,8 +74,10 @@ __all__ = [
     "push_adapter_to_hub",
     "save_adapter",
     "set_active_adapters",
+    "shard_model",
     "trainable_parameters",
     "unmerge_adapters",
+    "unshard_model",
 ]
 
 if TYPE_CHECKING:

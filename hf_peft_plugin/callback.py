@@ -41,6 +41,7 @@ from .checkpoints import (
     write_resume_file_after_push,
 )
 from .errors import ConfigError, HubPushError
+from .fsdp import check_trainer_fsdp_request
 from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters
 from .state import require_state
@@ -218,6 +219,7 @@ class AdapterCallback(TrainerCallback):
 
     def _attach(self, model: nn.Module, args: TrainingArguments) -> None:
         require_state(model)
+        check_trainer_fsdp_request(model, args)
         enable_trainable_checkpoint_loading(model)
         if args.push_to_hub:  # the Trainer uploads checkpoints: model.safetensors comes after, in on_save
             write_resume_file_after_push(model)

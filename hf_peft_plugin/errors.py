@@ -55,3 +55,7 @@ class MemoryBudgetError(HfPeftPluginError, ValueError):
         super().__init__(message)
         #: Bytes the most frugal settings need, when the budget was parseable but too small.
         self.smallest_budget = smallest_budget
+
+
+class ShardingError(HfPeftPluginError, ValueError):
+    """A model cannot be sharded with FSDP as asked; the message names the setting to change."""

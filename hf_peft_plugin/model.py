@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from .adapter_class import make_adapter_aware
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
+from .fsdp import FSDP_QUANT_STORAGE, shard_model
 from .lora import LoraLinear
 from .names import validate_adapter_name
 from .packing import guard_packed_batches
@@ -44,8 +45,9 @@ def prepare_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     keep_full_precision: Sequence[str] = (),
-    quant_storage: torch.dtype = torch.uint8,
+    quant_storage: torch.dtype | None = None,
     gradient_checkpointing: bool = False,
+    fsdp: bool = False,
     adapter_name: str = "default",
     task_type: str | None = None,
     **from_pretrained_kwargs: Any,
@@ -62,7 +64,13 @@ def prepare_model(
 
         model = prepare_model("HuggingFaceTB/SmolLM2-135M", bits=4, lora=LoraConfig(r=16, alpha=32))
         Trainer(model=model, args=args, train_dataset=ds, callbacks=[AdapterCallback()]).train()
+
+    ``fsdp=True`` shards the frozen base across the ranks of ``torch.distributed`` (FSDP2, one unit
+    per decoder block; adapters replicated; see :mod:`hf_peft_plugin.fsdp` and docs/distributed.md);
+    ``quant_storage`` then defaults to float32, the dtype of the blocks' other frozen tensors.
     """
+    if quant_storage is None:
+        quant_storage = FSDP_QUANT_STORAGE if fsdp else torch.uint8
     quant = QuantizationConfig(
         bits=bits,
         quant_type=quant_type,
@@ -127,6 +135,8 @@ def prepare_model(
     set_active_adapters(model, [adapter_name])
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if fsdp:
+        shard_model(model)
     return model
 
 

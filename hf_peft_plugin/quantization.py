@@ -300,7 +300,8 @@ def footprint(model: nn.Module) -> Footprint:
         if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
             w = module.weight
             seen.add(id(w))
-            quantized_bytes += _tensor_bytes(w.data) + _unique_bytes(_quant_state_tensors(w.quant_state), seen_storage)
+            state = getattr(w, "quant_state", None) or module.quant_state  # FSDP's shard keeps it on the layer
+            quantized_bytes += _tensor_bytes(w.data) + _unique_bytes(_quant_state_tensors(state), seen_storage)
             quantized_weights += module.in_features * module.out_features
         elif bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
             w = module.weight

@@ -1,4 +1,4 @@
-"""Two-process DDP training on CPU (gloo) with torchrun: ranks agree, only rank 0 saves and pushes."""
+"""Multi-process training on CPU (gloo) with torchrun: DDP, and FSDP2 with the 4-bit base sharded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load, load_file
 
@@ -58,3 +59,124 @@ def test_two_processes_train_identical_adapters_and_only_rank_0_writes(local_hub
     pushed = load(local_hub.files(REPO)["adapter_model.safetensors"])
     assert pushed.keys() == {"base_model.model." + k.replace(".default", "") for k in rank0}
     assert all(torch.equal(pushed["base_model.model." + k.replace(".default", "")], v) for k, v in rank0.items())
+
+
+# -- FSDP2: the frozen 4-bit base sharded across 2 processes, the adapter replicated ------------
+
+FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
+FSDP_REPO = "alice/fsdp-run"
+
+
+def _fsdp_run(mode: str, out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher] if processes > 1 else [sys.executable]
+    return subprocess.run(
+        [*command, str(FSDP_WORKER), mode, str(out), *extra], env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+
+
+def _record(out: Path, mode: str, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    return json.loads((out / f"{mode}-rank{rank}.json").read_text()), load_file(out / f"{mode}-rank{rank}.safetensors")
+
+
+def test_fsdp_two_processes_match_one_shard_the_base_and_survive_a_dead_rank(local_hub, tmp_path):
+    """One straight 2-process run, the same job on 1 process, a run whose rank 1 dies, and its resume."""
+    straight, single, crashed = tmp_path / "straight", tmp_path / "single", tmp_path / "crashed"
+    for folder in (straight, single, crashed):
+        folder.mkdir()
+    _ok(_fsdp_run("straight", straight, FSDP_REPO))
+    _ok(_fsdp_run("single", single, processes=1))
+
+    (rec0, lora0), (rec1, lora1) = _record(straight, "straight", 0), _record(straight, "straight", 1)
+    ref, ref_lora = _record(single, "single", 0)
+
+    # Same data order: each global batch of the single run is rank 0's rows then rank 1's.
+    steps = len(ref["losses"])
+    assert steps == 4
+    assert [a + b for a, b in zip(rec0["batches"], rec1["batches"])][:steps] == ref["batches"][:steps]
+    # Same losses per step (within 1e-5) and the same LoRA tensors (within 1e-6), on both ranks.
+    for rec in (rec0, rec1):
+        assert len(rec["losses"]) == steps
+        assert all(abs(a - b) < 1e-5 for a, b in zip(rec["losses"], ref["losses"])), (rec["losses"], ref["losses"])
+    assert lora0.keys() == ref_lora.keys() == lora1.keys()
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in ref_lora.items())  # it trained
+    for k in ref_lora:
+        assert torch.allclose(lora0[k], ref_lora[k], rtol=0, atol=1e-6), k
+        assert torch.equal(lora0[k], lora1[k]), k
+
+    # Each rank holds half of every packed 4-bit weight (and of the other frozen tensors).
+    for rec in (rec0, rec1):
+        shares = rec["sharded"]
+        assert shares["quantized_full"] == rec["quantized_total"] > 0  # every 4-bit weight is sharded
+        assert shares["quantized_local"] * 2 == shares["quantized_full"]
+        assert abs(shares["other_local"] / shares["other_full"] - 0.5) < 0.02
+
+    # Checkpoints: rank 0 writes the adapter (full tensors, gathered: the ranks hold the same ones) and
+    # the trainable-weights file; no file holds a base weight; rank 1 writes only its RNG state.
+    run = straight / "run"
+    assert written_in(run, rec1["files"]) == {"checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"}
+    by_rank0 = written_in(run, rec0["files"])
+    assert {"checkpoint-4/adapter_model.safetensors", "checkpoint-4/model.safetensors"} <= by_rank0
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        names = {p.name for p in (run / checkpoint).iterdir()}
+        assert not any(n.startswith("pytorch_model_fsdp") or n.endswith(".distcp") for n in names), names
+        trainable = load_file(run / checkpoint / "model.safetensors")
+        assert set(trainable) - {"_hf_peft_plugin_trainable_only"} == set(ref_lora)
+        saved = load_file(run / checkpoint / "adapter_model.safetensors")
+        assert saved.keys() == {"base_model.model." + k.replace(".default", "") for k in ref_lora}
+    final = load_file(run / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(final[k], lora0[k]) for k in lora0)
+
+    # Pushes: from rank 0 only, and the pushed adapter is the trained one.
+    assert rec1["uploads"] == []
+    # (a push still queued when the next one comes is replaced by it: the middle one may be skipped)
+    assert rec0["uploads"][0] == "Training in progress, step 2"
+    assert rec0["uploads"][-1] == "End of training, step 4"
+    assert [c.title for c in local_hub.commits(FSDP_REPO)][1:] == rec0["uploads"]
+    pushed = load(local_hub.files(FSDP_REPO)["adapter_model.safetensors"])
+    assert all(torch.equal(pushed["base_model.model." + k.replace(".default", "")], v) for k, v in lora0.items())
+
+    # save_adapter and merge_and_unload after FSDP training.
+    assert load_file(straight / "adapter" / "adapter_model.safetensors").keys() == saved.keys()
+    for rec in (rec0, rec1):
+        checks = rec["checks"]
+        assert checks["gathered_vs_sharded"] == 0.0
+        assert checks["merged_vs_sharded"] < 1e-5 * max(1.0, checks["logits_scale"])
+        assert checks["merged_has_no_4bit"]
+        # Bad input: clear errors naming what to set.
+        assert "quant_storage=torch.float32" in checks["uint8_storage"]
+        assert "bits=4" in checks["eight_bit"]
+        assert "one dtype" in checks["mixed_dtypes"] and "torch.bfloat16" in checks["mixed_dtypes"]
+        assert "drops an FSDP plugin on CPU" in checks["trainer_fsdp_request"]
+        assert "prepare_model(..., fsdp=True)" in checks["trainer_fsdp_request"]
+
+    # A rank that dies mid-run (rank 1 exits at step 4) loses nothing: the run resumes from checkpoint-2
+    # and ends exactly where the straight run ended.
+    died = _fsdp_run("die", crashed)
+    assert died.returncode != 0
+    assert sorted(p.name for p in (crashed / "run").iterdir()) == ["checkpoint-2"]
+    _ok(_fsdp_run("resume", crashed))
+    resumed, resumed_lora = _record(crashed, "resume", 0)
+    # The log history holds steps 1-2 from checkpoint-2 and steps 3-4 trained after the resume.
+    assert len(resumed["losses"]) == steps
+    assert all(abs(a - b) < 1e-6 for a, b in zip(resumed["losses"], rec0["losses"])), resumed["losses"]
+    assert resumed["batches"][:2] == rec0["batches"][2:4]  # it went on from step 3, not from scratch
+    for k in lora0:
+        assert torch.allclose(resumed_lora[k], lora0[k], rtol=0, atol=1e-6), k
+
+
+def test_fsdp_without_torch_distributed_says_how_to_launch():
+    import torch.distributed as dist
+
+    from hf_peft_plugin import LoraConfig, ShardingError, prepare_model
+
+    from tiny_models import tiny_llama
+
+    assert not dist.is_initialized()
+    with pytest.raises(ShardingError, match="torchrun --nproc_per_node"):
+        prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=2), fsdp=True)

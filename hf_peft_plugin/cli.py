@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     common.add_argument("--task-type", choices=sorted(TASK_AUTO_CLASSES), default=None)
+    common.add_argument("--num-processes", type=int, default=1, help="ranks training together: per-rank figures")
+    common.add_argument("--fsdp", action="store_true", help="the frozen base sharded over the ranks (FSDP2)")
     estimate = commands.add_parser("estimate", parents=[common], help="print the memory breakdown of one setup")
     estimate.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB, '8 GB', 512MiB")
     plan = commands.add_parser("plan", parents=[common], help="find settings that fit a budget")
@@ -124,6 +126,8 @@ def _settings(args: argparse.Namespace) -> dict:
         dtype=_DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         task_type=args.task_type,
+        num_processes=args.num_processes,
+        fsdp=args.fsdp,
     )
 
 

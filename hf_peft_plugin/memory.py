@@ -465,6 +465,8 @@ class MemorySettings:
     double_quant: bool = True
     keep_full_precision: tuple[str, ...] = ()
     gradient_accumulation_steps: int = 1
+    num_processes: int = 1  # ranks training together (DDP, or FSDP with fsdp=True)
+    fsdp: bool = False  # prepare_model(fsdp=True): the frozen base sharded over num_processes
 
     def describe(self) -> str:
         quant = _QUANT_NAMES[self.bits]
@@ -482,7 +484,10 @@ class MemorySettings:
             batch += f" x {self.gradient_accumulation_steps} accumulation steps"
         checkpointing = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
         dtype = str(self.dtype).removeprefix("torch.")
-        return ", ".join([quant, *adapters, batch, checkpointing, self.optimizer, f"{dtype} on {self.device}"])
+        parts = [quant, *adapters, batch, checkpointing, self.optimizer, f"{dtype} on {self.device}"]
+        if self.num_processes > 1:
+            parts.append(f"per rank of {self.num_processes} ({'FSDP, base sharded' if self.fsdp else 'DDP'})")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -501,6 +506,8 @@ class MemoryEstimate:
     overhead_bytes: int  # CUDA context, plus the largest quantized weight dequantized for a matmul
     quantized_params: int
     trainable_params: int
+    #: FSDP: the units gathered at once (the largest one and the block prefetched with it), in full.
+    fsdp_gather_bytes: int = 0
 
     @property
     def weights_bytes(self) -> int:
@@ -515,7 +522,7 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.activation_bytes + self.overhead_bytes
+        return self.weights_bytes + self.activation_bytes + self.overhead_bytes + self.fsdp_gather_bytes
 
     @property
     def bits_per_quantized_weight(self) -> float:
@@ -523,7 +530,9 @@ class MemoryEstimate:
 
     def rows(self) -> list[tuple[str, int]]:
         quantized = "quantized weights"
-        if self.quantized_params:
+        if self.settings.fsdp and self.settings.num_processes > 1:
+            quantized += f" (a 1/{self.settings.num_processes} share + replicated constants)"
+        elif self.quantized_params:
             quantized += f" ({self.quantized_params / 1e9:.3g}B at {self.bits_per_quantized_weight:.3f} bits)"
         rows = [
             (quantized, self.quantized_weights_bytes),
@@ -538,7 +547,10 @@ class MemoryEstimate:
         overhead = (
             "CUDA context + dequantization workspace" if self.settings.device == "cuda" else "dequantization workspace"
         )
-        rows += [(overhead, self.overhead_bytes), ("total", self.total_bytes)]
+        rows.append((overhead, self.overhead_bytes))
+        if self.settings.fsdp and self.settings.num_processes > 1:
+            rows.append(("FSDP all-gathered units (largest + prefetched block)", self.fsdp_gather_bytes))
+        rows.append(("total" if self.settings.num_processes == 1 else "total per rank", self.total_bytes))
         return rows
 
     def __str__(self) -> str:
@@ -606,6 +618,8 @@ def estimate_memory(
     quant_type: str = "nf4",
     double_quant: bool = True,
     keep_full_precision: Iterable[str] = (),
+    num_processes: int = 1,
+    fsdp: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one training step of ``prepare_model(model, bits=..., lora=..., ...)``.
 
@@ -615,6 +629,11 @@ def estimate_memory(
     ``TrainingArguments.optim`` name from :data:`OPTIMIZER_STATE_BITS`. With no adapter config,
     LoRA with :class:`LoraConfig` defaults is assumed, as in ``prepare_model``.
 
+    ``num_processes`` ranks with ``fsdp=True`` (``prepare_model(fsdp=True)``) give the figure per
+    rank: packed weights and unquantized frozen tensors divided among the ranks; quantization
+    constants, adapters, their gradients and optimizer states replicated; plus the units FSDP
+    gathers at once. Without ``fsdp`` every rank holds everything (DDP).
+
     Example::
 
         print(estimate_memory("meta-llama/Llama-3.1-8B", bits=4, lora=LoraConfig(r=16), seq_len=2048))
@@ -623,6 +642,7 @@ def estimate_memory(
         bits=bits, lora=lora, prompt=prompt, bottleneck=bottleneck, batch_size=batch_size, seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, dtype=dtype, device=device,
         task_type=task_type, quant_type=quant_type, double_quant=double_quant, keep_full_precision=keep_full_precision,
+        num_processes=num_processes, fsdp=fsdp,
     )  # fmt: skip
     return _Estimator(model_name_or_config).estimate(settings)
 
@@ -644,6 +664,8 @@ def _settings(
     double_quant: bool = True,
     keep_full_precision: Iterable[str] = (),
     gradient_accumulation_steps: int = 1,
+    num_processes: int = 1,
+    fsdp: bool = False,
 ) -> MemorySettings:
     """Validated settings; every bad value fails here, before any model is built."""
     quant = QuantizationConfig(
@@ -659,6 +681,7 @@ def _settings(
         ("batch_size", batch_size),
         ("seq_len", seq_len),
         ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("num_processes", num_processes),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{what} must be a positive integer; got {value!r}.")
@@ -684,6 +707,7 @@ def _settings(
         gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, dtype=dtype, device=device,
         task_type=task_type, quant_type=quant.quant_type, double_quant=quant.double_quant,
         keep_full_precision=quant.keep_full_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+        num_processes=num_processes, fsdp=bool(fsdp),
     )  # fmt: skip
 
 
@@ -715,7 +739,7 @@ class _Estimator:
         quantized = inv.quantizable if s.bits is not None else ()
         activations, logits = _activations(inv, s)
         workspace = max((i * o for i, o in quantized), default=0) * s.dtype.itemsize
-        return MemoryEstimate(
+        estimate = MemoryEstimate(
             model=self.name,
             settings=s,
             quantized_weights_bytes=sum(_quantized_layer_bytes(i, o, s.bits, s.double_quant) for i, o in quantized),
@@ -730,6 +754,42 @@ class _Estimator:
             quantized_params=sum(i * o for i, o in quantized),
             trainable_params=sum(n for n, _ in inv.trainable),
         )
+        return _sharded(estimate, inv, s, quantized, self.config) if s.fsdp and s.num_processes > 1 else estimate
+
+
+def _sharded(
+    est: MemoryEstimate, inv: _Inventory, s: MemorySettings, quantized: tuple[tuple[int, int], ...], config: Any
+) -> MemoryEstimate:
+    """Per-rank figures under :func:`~hf_peft_plugin.fsdp.shard_model` (see ``estimate_memory``).
+
+    Sharded: the packed weights (half a byte per 4-bit weight) and the unquantized frozen tensors.
+    Replicated: the quantization constants (bitsandbytes keeps them on the layer, not in the
+    parameter), adapters, gradients, optimizer states and activations. Gathered at once: the largest
+    unit (embeddings or head, or a block) plus one block prefetched with it, in full.
+    """
+    n = s.num_processes
+    packed = sum((i * o + 1) // 2 for i, o in quantized) if s.bits == 4 else 0
+    constants = est.quantized_weights_bytes - packed
+    blocks = max(len(inv.blocks), 1)
+    block_norms = sum(b.norms for b in inv.blocks) * inv.hidden_size * 4
+    block_bytes = (packed + block_norms) // blocks
+    if s.bits != 4:  # unquantized blocks: their linear weights are in the unquantized figure
+        block_bytes = (est.unquantized_weights_bytes - _outside_blocks(est, inv, s, block_norms)) // blocks
+    outside = _outside_blocks(est, inv, s, block_norms)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    largest_end = outside if tied else outside // 2  # embeddings and head: one unit when tied
+    return dataclasses.replace(
+        est,
+        quantized_weights_bytes=math.ceil(packed / n) + constants,
+        unquantized_weights_bytes=math.ceil(est.unquantized_weights_bytes / n),
+        fsdp_gather_bytes=max(block_bytes, largest_end) + block_bytes,
+    )
+
+
+def _outside_blocks(est: MemoryEstimate, inv: _Inventory, s: MemorySettings, block_norms: int) -> int:
+    """Unquantized frozen bytes outside the decoder blocks (embeddings, head, final norm), roughly."""
+    inside = block_norms if s.bits == 4 else inv.quantizable_weight_bytes + block_norms
+    return max(est.unquantized_weights_bytes - inside, 0)
 
 
 def _quantized_layer_bytes(in_features: int, out_features: int, bits: int, double_quant: bool) -> int:

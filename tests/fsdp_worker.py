@@ -31,6 +31,7 @@ import hf_peft_plugin.callback as callback_module  # noqa: E402
 from hf_peft_plugin import LoraConfig, ShardingError, merge_and_unload, prepare_model, save_adapter  # noqa: E402
 from hf_peft_plugin.callback import AdapterCallback  # noqa: E402
 from hf_peft_plugin.fsdp import sharded_bytes, unshard_model  # noqa: E402
+from hf_peft_plugin.quantization import footprint  # noqa: E402
 
 from tiny_models import CopyTaskDataset, tiny_llama, token_batch  # noqa: E402
 
@@ -114,6 +115,12 @@ def main(mode: str, out: Path, repo_id: str | None) -> None:
         record["quantized_total"] = sum(
             m.weight.numel() * m.weight.element_size() for m in model.modules() if hasattr(m, "quant_state")
         )
+        # This rank's frozen bytes, for the planner: its shards, the (replicated) quantization
+        # constants and buffers. footprint() counts each packed weight in full, plus its constants.
+        constants = footprint(model).quantized_bytes - shares.quantized_full
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        record["frozen_bytes_this_rank"] = shares.local + constants + buffers
+        record["trainable_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     batches = Batches()
     callbacks: list[TrainerCallback] = []
     if repo_id:

@@ -116,6 +116,21 @@ def test_fsdp_two_processes_match_one_shard_the_base_and_survive_a_dead_rank(loc
         assert shares["quantized_local"] * 2 == shares["quantized_full"]
         assert abs(shares["other_local"] / shares["other_full"] - 0.5) < 0.02
 
+    # The memory planner's per-rank figure matches what each rank holds (the sharded terms).
+    from hf_peft_plugin import LoraConfig, estimate_memory
+
+    from tiny_models import tiny_llama
+
+    planned = estimate_memory(
+        tiny_llama().config, lora=LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        device="cpu", batch_size=2, seq_len=16, num_processes=2, fsdp=True,
+    )  # fmt: skip
+    for rec in (rec0, rec1):
+        frozen = planned.quantized_weights_bytes + planned.unquantized_weights_bytes
+        assert abs(frozen - rec["frozen_bytes_this_rank"]) <= 0.01 * rec["frozen_bytes_this_rank"]
+        assert planned.trainable_bytes == rec["trainable_bytes"]
+    print(f"planned frozen bytes per rank {frozen}, measured {rec0['frozen_bytes_this_rank']}")
+
     # Checkpoints: rank 0 writes the adapter (full tensors, gathered: the ranks hold the same ones) and
     # the trainable-weights file; no file holds a base weight; rank 1 writes only its RNG state.
     run = straight / "run"
@@ -180,3 +195,29 @@ def test_fsdp_without_torch_distributed_says_how_to_launch():
     assert not dist.is_initialized()
     with pytest.raises(ShardingError, match="torchrun --nproc_per_node"):
         prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=2), fsdp=True)
+
+
+def test_planner_gives_per_rank_figures_for_fsdp(tmp_path, capsys):
+    from hf_peft_plugin import LoraConfig, estimate_memory
+    from hf_peft_plugin.cli import main
+
+    from tiny_models import tiny_llama
+
+    config = tiny_llama().config
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    common = dict(lora=lora, device="cpu", batch_size=2, seq_len=16)
+    one = estimate_memory(config, **common)
+    ddp = estimate_memory(config, **common, num_processes=4)
+    four = estimate_memory(config, **common, num_processes=4, fsdp=True)
+    assert ddp.total_bytes == one.total_bytes  # DDP: every rank holds everything
+    # 2 blocks of q, k, v, o, gate, up, down at half a byte per weight; 1/4 of that stays per rank
+    packed = 2 * sum(i * o // 2 for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
+    assert one.quantized_weights_bytes - four.quantized_weights_bytes == packed - packed // 4
+    assert four.unquantized_weights_bytes * 4 >= one.unquantized_weights_bytes > four.unquantized_weights_bytes * 3
+    assert four.trainable_bytes == one.trainable_bytes and four.optimizer_bytes == one.optimizer_bytes
+    assert 0 < four.fsdp_gather_bytes and four.total_bytes < one.total_bytes
+
+    config.save_pretrained(tmp_path)
+    assert main(["estimate", str(tmp_path), "--rank", "2", "--device", "cpu", "--seq-len", "16", "--num-processes", "4", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 4 (FSDP, base sharded)" in out and "total per rank" in out

@@ -50,27 +50,27 @@ def cpu_flags() -> str:
 
 def main() -> None:
     config = llama_31_70b()
-    lora = LoraConfig(r=64, alpha=16, target_modules="all-linear")
-    settings = dict(bits=4, lora=lora, gradient_checkpointing=True, dtype=torch.bfloat16, device="cuda")
+    settings = dict(bits=4, gradient_checkpointing=True, dtype=torch.bfloat16, device="cuda")
     print(cpu_flags(), "(the planner computes; nothing here depends on this CPU)")
     print(
-        "Llama-3.1-70B, 4-bit NF4 + double quant, LoRA r=64 on all linear layers (float32 adapters, AdamW), "
+        "Llama-3.1-70B, 4-bit NF4 + double quant, LoRA on all linear layers (float32 adapters, AdamW), "
         "bf16 compute, gradient checkpointing, per rank:\n"
     )
     print(
-        "| batch x tokens per rank | ranks | 4-bit weights | unquantized | adapters + grads + AdamW | activations "
+        "| LoRA r | batch x tokens per rank | ranks | 4-bit weights | unquantized | adapters + grads + AdamW | activations "
         "| gathered units | total per rank | fits 24 GB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for batch, seq in ((1, 512), (2, 512), (2, 2048)):
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r, batch, seq in ((64, 2, 2048), (64, 1, 512), (16, 2, 2048), (16, 1, 512)):
+        lora = LoraConfig(r=r, alpha=16, target_modules="all-linear")
         for ranks in (1, 2, 4):
             e = estimate_memory(
-                config, batch_size=batch, seq_len=seq, num_processes=ranks, fsdp=ranks > 1, **settings
+                config, lora=lora, batch_size=batch, seq_len=seq, num_processes=ranks, fsdp=ranks > 1, **settings
             )
             adapters = e.trainable_bytes + e.gradient_bytes + e.optimizer_bytes
             fits = "yes" if e.total_bytes <= 24 * GB else "no"
             print(
-                f"| {batch} x {seq} | {ranks} | {format_bytes(e.quantized_weights_bytes)} | "
+                f"| {r} | {batch} x {seq} | {ranks} | {format_bytes(e.quantized_weights_bytes)} | "
                 f"{format_bytes(e.unquantized_weights_bytes)} | {format_bytes(adapters)} | "
                 f"{format_bytes(e.activation_bytes)} | {format_bytes(e.fsdp_gather_bytes)} | "
                 f"{format_bytes(e.total_bytes)} ({e.total_bytes / GB:.1f} GB) | {fits} |"

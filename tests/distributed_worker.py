@@ -44,8 +44,15 @@ def main(out: Path, repo_id: str) -> None:
         return real_upload(staged, **kwargs)
 
     real_upload = callback_module.upload_staged
+    # Every file the package writes lands through os.replace (atomic writes); the Trainer uses torch.save.
+    real_replace = os.replace
+
+    def spy_replace(src, dst, *args, **kwargs):
+        record["files"].append(os.fspath(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = spy_replace
     safetensors.torch.save_file = spy_files(safetensors.torch.save_file)
-    callback_module.save_file = spy_files(callback_module.save_file)
     torch.save = spy_files(torch.save)
     callback_module.upload_staged = spy_upload
 

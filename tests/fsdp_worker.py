@@ -77,8 +77,15 @@ def spy(record: dict[str, Any]) -> None:
         record["uploads"].append(kwargs["commit_message"])
         return real_upload(staged, **kwargs)
 
+    # Every file the package writes lands through os.replace (atomic writes); the Trainer uses torch.save.
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        record["files"].append(os.fspath(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
     safetensors.torch.save_file = files(safetensors.torch.save_file)
-    callback_module.save_file = files(callback_module.save_file)
     torch.save = files(torch.save)
     callback_module.upload_staged = upload
 

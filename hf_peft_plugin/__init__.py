@@ -23,6 +23,7 @@ from .saving import save_adapter
 from .fsdp import shard_model, unshard_model
 from .hub import push_adapter_to_hub
 from .packing import padding_free_collator
+from .trl_support import reference_model
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (
     active_adapters,
@@ -72,6 +73,7 @@ __all__ = [
     "prepare_model",
     "print_trainable_parameters",
     "push_adapter_to_hub",
+    "reference_model",
     "save_adapter",
     "set_active_adapters",
     "shard_model",

@@ -45,6 +45,7 @@ from .fsdp import check_trainer_fsdp_request
 from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters
 from .state import require_state
+from .trl_support import restore_adapter_dtypes
 
 try:
     import resource
@@ -110,7 +111,10 @@ class AdapterCallback(TrainerCallback):
     also uploads the latest resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer
     state; never ``training_args.bin``) to ``last-checkpoint/``. ``private`` applies when the repo is
     created; ``token=None`` takes ``TrainingArguments.hub_token``, else the logged-in token. Pushes
-    run on the main process only. With ``TrainingArguments(push_to_hub=True)`` the Trainer pushes
+    run on the main process only. ``restore_adapter_dtype``: TRL's trainers cast the adapter to bf16
+    for a 4/8-bit model in their ``__init__`` (see :mod:`~hf_peft_plugin.trl_support`); the callback
+    casts it back to float32 at ``on_init_end``, before the optimizer exists (``False`` keeps TRL's
+    cast). With ``TrainingArguments(push_to_hub=True)`` the Trainer pushes
     (the adapter only, through the model's ``save_pretrained``) and this callback does not, so
     nothing is pushed twice.
 
@@ -130,6 +134,7 @@ class AdapterCallback(TrainerCallback):
         revision: str = "main",
         endpoint: str | None = None,
         log_memory: bool = True,
+        restore_adapter_dtype: bool = True,
     ) -> None:
         if hub_strategy not in HUB_STRATEGIES:
             raise ConfigError(f"hub_strategy must be one of {HUB_STRATEGIES}; got {hub_strategy!r}.")
@@ -144,6 +149,7 @@ class AdapterCallback(TrainerCallback):
         self.revision = revision
         self.endpoint = endpoint
         self.log_memory = log_memory
+        self.restore_adapter_dtype = restore_adapter_dtype
         #: The error of the final push, if it failed (earlier failures are only logged).
         self.push_error: HubPushError | None = None
         self._pushing = push_to_hub is not None
@@ -156,6 +162,10 @@ class AdapterCallback(TrainerCallback):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if kwargs.get("model") is not None:  # None with model_init: the model comes at train begin
             self._attach(kwargs["model"], args)
+            if self.restore_adapter_dtype:  # undo TRL's QLoRA bf16 cast (see trl_support), before any step
+                changed = restore_adapter_dtypes(kwargs["model"])
+                if changed:
+                    logger.info("hf_peft_plugin: restored %d adapter tensors to the dtype they were created in", len(changed))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

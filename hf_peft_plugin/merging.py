@@ -36,13 +36,15 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def merge_and_unload(
-    model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, requantize: bool = False, keep_unmergeable: bool = False
+    model: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False, keep_unmergeable: bool = False
 ) -> nn.Module:
     """Fold the active adapters into the weights and return the plain transformers model (in place).
 
     Each 4/8-bit base weight is dequantized, the LoRA/DoRA delta added in float32, and the layer
     becomes a plain ``nn.Linear`` (GPT-2: ``Conv1D``) of ``dtype``; trained heads replace the
-    originals. The model gets its own class back, loses every trace of this package and of its
+    originals. ``dtype=None`` keeps the base's dtype (:func:`base_dtype`: what its unquantized
+    weights are in, as peft's merge does), so a float32 model stays float32; pass a dtype to cast
+    every parameter to it. The model gets its own class back, loses every trace of this package and of its
     quantization (``config.quantization_config``), so ``save_pretrained``/``from_pretrained`` work
     with plain transformers. Inactive adapters are dropped: save them first if you need them.
 
@@ -55,6 +57,8 @@ def merge_and_unload(
     ``save_pretrained`` writes just them; they now belong to the merged base).
     """
     state = require_state(model)
+    if dtype is None:
+        dtype = base_dtype(model, state.compute_dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(
             f"merge_and_unload(dtype=...) takes a floating torch.dtype such as torch.bfloat16; got {dtype!r}."
@@ -110,6 +114,16 @@ def merge_and_unload(
         _forget_quantization(model)
     model.config.dtype = dtype
     return model
+
+
+def base_dtype(model: nn.Module, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the base model was loaded in: that of its input embeddings (never quantized, never
+    upcast by ``prepare_model``, unlike norms), else ``compute_dtype`` (what a 4/8-bit base computes in)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return compute_dtype
 
 
 def _replace_children(module: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> None:

@@ -24,6 +24,7 @@ from .fsdp import shard_model, unshard_model
 from .hub import push_adapter_to_hub
 from .packing import padding_free_collator
 from .trl_support import reference_model
+from .inference import load_pretrained
 from .memory import MemoryEstimate, MemoryPlan, estimate_memory, plan_for_memory
 from .model import (
     active_adapters,
@@ -66,6 +67,7 @@ __all__ = [
     "disable_adapters",
     "estimate_memory",
     "load_adapter",
+    "load_pretrained",
     "merge_adapters",
     "merge_and_unload",
     "padding_free_collator",

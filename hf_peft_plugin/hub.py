@@ -219,23 +219,22 @@ def _usage_section(state: AdapterState, repo_id: str, base: str | None, folder: 
             f'base = {auto_class}.from_pretrained("{base_id}", quantization_config=BitsAndBytesConfig({bnb}))',
         ]
     if (folder / CONFIG_NAME).is_file() or (folder / EXTRAS_CONFIG_NAME).is_file():
-        ours = [f'model = load_adapter(base, "{repo_id}")']
+        ours = [f'model = load_pretrained("{base_id}", "{repo_id}")']
         peft = [f'model = PeftModel.from_pretrained(base, "{repo_id}")']
     else:  # no "default" adapter: every adapter lives in a sub-folder
         name = next(iter(state.adapters))
-        ours = [f'model = load_adapter(base, "{repo_id}", subfolder="{name}", adapter_name="{name}")']
+        ours = [f'model = load_pretrained("{base_id}", "{repo_id}", subfolder="{name}")']
         peft = [f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{name}")']
     lines = [
         "## Usage",
         "",
-        f"With `{LIBRARY_NAME}`:",
+        f"With `{LIBRARY_NAME}` (the base is loaded and quantized as it was in training, which the adapter records):",
         "",
         "```python",
-        imports,
-        "from hf_peft_plugin import load_adapter",
+        "from hf_peft_plugin import load_pretrained",
         "",
     ]
-    lines += [*load_base, *ours, "```", ""]
+    lines += [*ours, "```", ""]
     if peft_ready:
         lines += [
             "With `peft` (the files are in its format):",

@@ -55,7 +55,8 @@ def load_adapter(
     if state is not None and adapter_name in state.adapters:
         raise AdapterNameError(
             f"This model already has an adapter named {adapter_name!r}; pass another adapter_name or "
-            "delete_adapter() it first."
+            "delete_adapter() it first. (prepare_model attaches a fresh LoRA named 'default': to put a saved "
+            "adapter on a quantized base for inference, use load_pretrained(base_path, adapter_dir).)"
         )
     merged = [p for p, m in model.named_modules() if isinstance(m, LoraLinear) and m.merged_adapters]
     if merged:

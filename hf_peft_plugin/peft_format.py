@@ -58,6 +58,10 @@ BASE_CLASS_METADATA = "hf_peft_plugin.base_model_class"
 #: SHA-256 of the config file written with them (a config from another save is caught on load).
 ADAPTER_NAME_METADATA = "hf_peft_plugin.adapter_name"
 CONFIG_HASH_METADATA = "hf_peft_plugin.config_sha256"
+#: safetensors metadata entry: how the base was quantized in training (JSON: bits, quant_type,
+#: double_quant, compute_dtype), read by :func:`hf_peft_plugin.load_pretrained`. peft and vLLM
+#: ignore safetensors metadata, so the files stay exactly peft's format.
+QUANTIZATION_METADATA = "hf_peft_plugin.quantization"
 CONFIG_FOR_WEIGHTS = {WEIGHTS_NAME: CONFIG_NAME, EXTRAS_WEIGHTS_NAME: EXTRAS_CONFIG_NAME}
 
 INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}

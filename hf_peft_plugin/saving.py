@@ -40,6 +40,7 @@ from .peft_format import (
     PROMPT_KEY,
     PROMPT_PREFIX,
     WEIGHTS_NAME,
+    QUANTIZATION_METADATA,
     adapter_subfolders,
     canonical_json,
     config_hash,
@@ -156,7 +157,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 def adapter_files(model: nn.Module, state: AdapterState, name: str) -> dict[str, dict | Tensors]:
     """File name -> JSON object or tensors, for one adapter set (see the module docstring)."""
     spec = state.adapters[name]
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", QUANTIZATION_METADATA: _quantization_json(state)}
     files: dict[str, dict | Tensors] = {}
     extras: dict[str, Any] = {}
     extra_tensors: dict[str, torch.Tensor] = {}
@@ -189,6 +190,14 @@ def adapter_files(model: nn.Module, state: AdapterState, name: str) -> dict[str,
         files[EXTRAS_CONFIG_NAME] = extras
         files[EXTRAS_WEIGHTS_NAME] = Tensors(extra_tensors, metadata)
     return files
+
+
+def _quantization_json(state: AdapterState) -> str:
+    q = state.quantization
+    record: dict[str, Any] = {"bits": None if q is None else q.bits, "compute_dtype": str(state.compute_dtype).removeprefix("torch.")}
+    if q is not None and q.bits == 4:
+        record.update(quant_type=q.quant_type, double_quant=q.double_quant)
+    return json.dumps(record, sort_keys=True)
 
 
 def _saved(t: torch.Tensor) -> torch.Tensor:

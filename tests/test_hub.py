@@ -80,7 +80,8 @@ def test_first_push_uploads_the_adapter_and_a_card(local_hub, tmp_path):
     assert "| r | `4` |" in text and "| alpha | `8` |" in text
     assert "trainable params: " in text and "all params: " in text
     assert "| quant_type | `nf4` |" in text
-    assert "from hf_peft_plugin import load_adapter" in text and f'model = load_adapter(base, "{REPO}")' in text
+    assert "from hf_peft_plugin import load_pretrained" in text
+    assert f'model = load_pretrained("acme/tiny-llama", "{REPO}")' in text
     assert f'PeftModel.from_pretrained(base, "{REPO}")' in text
     assert "BitsAndBytesConfig(load_in_4bit=True" in text
 

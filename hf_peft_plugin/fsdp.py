@@ -53,6 +53,16 @@ def is_sharded(model: nn.Module) -> bool:
     return getattr(model, _MARK, None) == "sharded"
 
 
+def require_gathered(model: nn.Module, what: str) -> None:
+    """Raise :class:`ShardingError` when ``what`` would read the base weights of a sharded model."""
+    if is_sharded(model):
+        raise ShardingError(
+            f"{what} needs the full base weights, but this model is sharded with FSDP (each rank holds a slice "
+            "of every frozen weight). Call unshard_model(model) on every rank first, or save_adapter(model, dir) "
+            "and merge into a freshly loaded base in one process."
+        )
+
+
 def wrapped_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder blocks FSDP wraps one by one: modules whose class is in ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or ())

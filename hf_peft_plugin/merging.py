@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
+from .fsdp import require_gathered
 from .heads import TrainableCopy
 from .lora import LoraLinear, plain_linear, was_conv1d
 from .quantization import dequantized_weight, is_quantized_linear, requantized_like
@@ -22,6 +23,7 @@ def merge_adapters(model: nn.Module) -> None:
     layer is requantized (lossy for inference); :func:`unmerge_adapters` restores the exact original.
     """
     require_state(model)
+    require_gathered(model, "merge_adapters")
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.merge()
@@ -57,6 +59,7 @@ def merge_and_unload(
     ``save_pretrained`` writes just them; they now belong to the merged base).
     """
     state = require_state(model)
+    require_gathered(model, "merge_and_unload")
     if dtype is None:
         dtype = base_dtype(model, state.compute_dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

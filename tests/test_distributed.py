@@ -221,3 +221,16 @@ def test_planner_gives_per_rank_figures_for_fsdp(tmp_path, capsys):
     assert main(["estimate", str(tmp_path), "--rank", "2", "--device", "cpu", "--seq-len", "16", "--num-processes", "4", "--fsdp"]) == 0
     out = capsys.readouterr().out
     assert "per rank of 4 (FSDP, base sharded)" in out and "total per rank" in out
+
+
+def test_merging_a_sharded_model_says_to_unshard_it_first():
+    from hf_peft_plugin import LoraConfig, ShardingError, merge_adapters, merge_and_unload, prepare_model
+
+    from tiny_models import tiny_llama
+
+    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=2), quant_storage=torch.float32)
+    model._hf_peft_plugin_fsdp = "sharded"  # what shard_model marks (sharding itself needs 2 processes)
+    for merge in (merge_and_unload, merge_adapters):
+        with pytest.raises(ShardingError, match=r"unshard_model\(model\) on every rank"):
+            merge(model)
+    assert any(hasattr(m, "quant_state") for m in model.modules())  # left as it was

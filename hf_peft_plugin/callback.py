@@ -42,7 +42,7 @@ from .checkpoints import (
 )
 from .errors import ConfigError, HubPushError
 from .fsdp import check_trainer_fsdp_request
-from .hub import StagedAdapter, check_repo_id, stage_adapter, upload_staged
+from .hub import HUB_CHECKPOINT_FOLDER, StagedAdapter, check_repo_id, stage_adapter, upload_staged
 from .model import trainable_parameters
 from .state import require_state
 from .trl_support import restore_adapter_dtypes
@@ -57,8 +57,6 @@ logger = logging.getLogger(__name__)
 HubStrategy = Literal["end", "every_save", "checkpoint"]
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 
-#: Folder of the repo that holds the resumable checkpoint with ``hub_strategy="checkpoint"``.
-HUB_CHECKPOINT_FOLDER = "last-checkpoint"
 #: Checkpoint files never uploaded: the pickled TrainingArguments may hold ``hub_token``.
 _NEVER_UPLOADED = ("training_args.bin",)
 
@@ -286,25 +284,29 @@ class _BackgroundPusher:
 
 
 def _upload(staged: StagedAdapter, upload: dict[str, Any], final: bool) -> str:
+    """Upload on the background thread. A failed push removes its staged folder, except the final
+    one's, which keeps the unpushed adapter (named in the log) until it is pushed by hand."""
     try:
         url = upload_staged(staged, **upload)
-    except HubPushError as exc:
+    except Exception as exc:
+        expected = isinstance(exc, HubPushError)
         if final:
             logger.error(
-                "hf_peft_plugin: the final push of the adapter failed. %s The adapter is kept in %s; push it "
+                "hf_peft_plugin: the final push of the adapter failed%s. %s The adapter is kept in %s; push it "
                 "with push_adapter_to_hub(model, %r) or upload that folder once the problem is fixed.",
-                exc,
+                "" if expected else " unexpectedly",
+                exc if expected else f"{type(exc).__name__}: {exc}",
                 staged.folder,
                 staged.repo_id,
+                exc_info=not expected,
             )
         else:
             shutil.rmtree(staged.folder, ignore_errors=True)
-            logger.warning("hf_peft_plugin: a push failed; training goes on and the next push retries. %s", exc)
-        raise
-    except Exception:
-        logger.exception(
-            "hf_peft_plugin: a push to %s failed unexpectedly; its files are in %s.", staged.repo_id, staged.folder
-        )
+            logger.warning(
+                "hf_peft_plugin: a push failed; training goes on and the next push retries. %s",
+                exc if expected else f"{type(exc).__name__}: {exc}",
+                exc_info=not expected,
+            )
         raise
     shutil.rmtree(staged.folder, ignore_errors=True)
     logger.info("hf_peft_plugin: pushed the adapter to %s", url)

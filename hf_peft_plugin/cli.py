@@ -14,22 +14,21 @@ could not be reached (nothing local changes), 2 for bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 
+from .atomic import reading
 from .loading import load_adapter
 from .peft_format import (
     CONFIG_NAME,
     EXTRAS_CONFIG_NAME,
-    EXTRAS_WEIGHTS_NAME,
-    WEIGHTS_NAME,
+    Artifact,
     adapter_config_file,
     adapter_subfolders,
+    read_artifact,
 )
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
@@ -97,7 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--num-labels", type=int, default=None, help="classifier width (default: read from the saved head)"
     )
-    push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private", dest="private", action="store_true", default=True, help="create the repo private (the default)"
+    )
+    visibility.add_argument(
+        "--public", dest="private", action="store_false", help="create the repo public (if it does not exist yet)"
+    )
     push.add_argument("--revision", default="main", help="branch to commit to")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--commit-message", default=None)
@@ -143,19 +148,14 @@ def _saved_adapters(folder: Path) -> dict[str | None, Path]:
     return found
 
 
-def _saved_head_width(config_file: Path, config: dict) -> int | None:
+def _saved_head_width(artifact: Artifact) -> int | None:
     """Rows of the saved classification head when it is one linear layer (``classifier`` /
     ``score``): the base must be built with that many labels for the head to load."""
-    heads = config.get("modules_to_save") or []
     rows = set()
-    for filename in (WEIGHTS_NAME, EXTRAS_WEIGHTS_NAME):
-        path = config_file.parent / filename
-        if heads and path.is_file():
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    parts = key.split(".")
-                    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in heads:
-                        rows.add(f.get_slice(key).get_shape()[0])
+    for key, tensor in artifact.module_tensors.items():
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in artifact.head_names and tensor.dim() == 2:
+            rows.add(tensor.shape[0])
     return rows.pop() if len(rows) == 1 else None
 
 
@@ -170,16 +170,21 @@ def _push(args: argparse.Namespace) -> int:
                 f"{folder} holds no {CONFIG_NAME} or {EXTRAS_CONFIG_NAME} (nor sub-folders with one): pass the "
                 "folder save_adapter (or AdapterCallback) wrote."
             )
-        config_file = next(iter(adapters.values()))
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        base = args.base or config.get("base_model_name_or_path")
+        # Every adapter is read and checked on its own (the loader's parser): bad files are exit 2.
+        artifacts = {}
+        for subfolder in adapters:
+            directory = folder if subfolder is None else folder / subfolder
+            with reading(directory):
+                artifacts[subfolder] = read_artifact(directory)
+        config_file, first = next(iter(adapters.values())), next(iter(artifacts.values()))
+        base = args.base or first.base_model_name_or_path
         if not base:
             raise AdapterLoadError(f"{config_file} does not name its base model; pass --base <path or Hub id>.")
-        task_type = config.get("task_type") or "CAUSAL_LM"
+        task_type = first.task_type or "CAUSAL_LM"
         if task_type not in TASK_AUTO_CLASSES:
             raise AdapterLoadError(f"{config_file} has task_type {task_type!r}; expected one of {sorted(TASK_AUTO_CLASSES)}.")
         quant = QuantizationConfig(bits=None if args.bits == "none" else int(args.bits))
-        num_labels = args.num_labels or _saved_head_width(config_file, config)
+        num_labels = args.num_labels or _saved_head_width(first)
         kwargs = {}
         if num_labels and task_type in ("SEQ_CLS", "TOKEN_CLS"):  # the trained head replaces the base's
             kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
@@ -197,7 +202,7 @@ def _push(args: argparse.Namespace) -> int:
         url = push_adapter_to_hub(
             model,
             args.repo_id,
-            private=args.private or None,
+            private=args.private,
             revision=args.revision,
             create_pr=args.create_pr,
             commit_message=args.commit_message,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -20,11 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+from huggingface_hub.errors import (
+    BadRequestError,
+    DisabledRepoError,
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .peft_format import CONFIG_NAME, EXTRAS_CONFIG_NAME
+from .atomic import is_temporary
+from .peft_format import ARTIFACT_FILES, CONFIG_NAME, EXTRAS_CONFIG_NAME
 from .saving import save_adapter
 from .errors import ConfigError, HubPushError
 from .model import trainable_parameters
@@ -36,6 +48,8 @@ LIBRARY_NAME = "hf-peft-plugin"
 CARD_START = "<!-- hf-peft-plugin:start -->"
 CARD_END = "<!-- hf-peft-plugin:end -->"
 README_NAME = "README.md"
+#: Folder of the repo that holds the resumable checkpoint (``AdapterCallback(hub_strategy="checkpoint")``).
+HUB_CHECKPOINT_FOLDER = "last-checkpoint"
 
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
@@ -298,7 +312,7 @@ def stage_adapter(
 def upload_staged(
     staged: StagedAdapter,
     *,
-    private: bool | None = None,
+    private: bool = True,
     token: str | None = None,
     revision: str = "main",
     commit_message: str | None = None,
@@ -307,26 +321,29 @@ def upload_staged(
     replace_folders: Sequence[str] = (),
 ) -> str:
     """Create the repo if needed, merge the card into its README and commit every staged file at
-    once; returns the commit URL. Files under ``replace_folders`` in the repo that the staged folder
-    no longer has are deleted in the same commit. Raises :class:`HubPushError`."""
+    once; returns the commit URL. Adapter files in the repo that the staged folder no longer has
+    (an adapter deleted since the last push), and files under ``replace_folders`` it no longer
+    has, are deleted in the same commit. Raises :class:`HubPushError`."""
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(staged.repo_id, api.endpoint, token):
         repo_id = api.create_repo(staged.repo_id, private=private, exist_ok=True).repo_id
         if revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         existing_readme = _remote_readme(api, repo_id, revision)
-        remote_files = api.list_repo_files(repo_id, revision=revision) if replace_folders else []
-    (staged.folder / README_NAME).write_text(str(merge_model_card(existing_readme, staged.card)), encoding="utf-8")
-    operations: list[CommitOperationAdd | CommitOperationDelete] = [
-        CommitOperationAdd(path_in_repo=path.relative_to(staged.folder).as_posix(), path_or_fileobj=str(path))
-        for path in sorted(staged.folder.rglob("*"))
-        if path.is_file()
-    ]
+        remote_files = api.list_repo_files(repo_id, revision=revision)
+    with _hub_errors(repo_id, api.endpoint, token):  # local files: an OSError here is not the Hub's
+        (staged.folder / README_NAME).write_text(str(merge_model_card(existing_readme, staged.card)), encoding="utf-8")
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=path.relative_to(staged.folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(staged.folder.rglob("*"))
+            if path.is_file() and not is_temporary(path.name)
+        ]
     uploaded = {op.path_in_repo for op in operations}
     operations += [
         CommitOperationDelete(path_in_repo=path)
         for path in remote_files
-        if any(path.startswith(f"{folder}/") for folder in replace_folders) and path not in uploaded
+        if path not in uploaded
+        and (any(path.startswith(f"{folder}/") for folder in replace_folders) or _is_adapter_file(path, replace_folders))
     ]
     with _hub_errors(repo_id, api.endpoint, token):
         info = api.create_commit(
@@ -337,6 +354,12 @@ def upload_staged(
             create_pr=create_pr,
         )
     return info.commit_url
+
+
+def _is_adapter_file(path: str, skip: Sequence[str]) -> bool:
+    """A file ``save_adapter`` writes: at the top (``default``) or in an adapter's sub-folder."""
+    parts = path.split("/")
+    return parts[-1] in ARTIFACT_FILES and len(parts) <= 2 and parts[0] not in (*skip, HUB_CHECKPOINT_FOLDER)
 
 
 def _remote_readme(api: HfApi, repo_id: str, revision: str) -> str | None:
@@ -360,61 +383,117 @@ def _hub_errors(repo_id: str, endpoint: str, token: str | None) -> Iterator[None
         raise error from exc
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else ``__context__``): huggingface_hub wraps, e.g. a
+    dropped connection during an LFS upload becomes ``RuntimeError("Error while uploading ...")``."""
+    seen: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A failure to talk to the server: the HTTP client's transport errors (huggingface_hub uses
+    httpx; requests/urllib3 for older versions), or the socket's own."""
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    transport = tuple(
+        getattr(module, name)
+        for module, name in (
+            (sys.modules.get("httpx2"), "TransportError"),
+            (sys.modules.get("httpx"), "TransportError"),
+            (sys.modules.get("requests"), "ConnectionError"),
+            (sys.modules.get("requests"), "Timeout"),
+            (sys.modules.get("urllib3.exceptions"), "HTTPError"),
+        )
+        if module is not None and hasattr(module, name)
+    )
+    return bool(transport) and isinstance(exc, transport)
+
+
 def _push_error(exc: Exception, repo_id: str, endpoint: str, token: str | None) -> HubPushError | None:
     """A :class:`HubPushError` saying what went wrong and what to do (the token is never in it), or
-    ``None`` for an exception that is not about the Hub or the network (a bug: it propagates)."""
+    ``None`` for an exception that is not about the Hub, the network or the local files (a bug: it
+    propagates). The whole cause chain is read, and huggingface_hub's typed errors decide."""
     kept = "No commit was made (a commit is all or nothing) and no local file was changed."
     namespace = repo_id.partition("/")[0] if "/" in repo_id else "your user name"
-    if isinstance(exc, LocalTokenNotFoundError) or (
-        isinstance(exc, HfHubHTTPError) and exc.response.status_code == 401 and token is None and get_token() is None
-    ):
+    chain = _chain(exc)
+    if any(isinstance(e, LocalTokenNotFoundError) for e in chain):
+        return HubPushError(_no_token(repo_id, kept))
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+    if http is not None:
+        return HubPushError(_http_message(http, repo_id, namespace, token, kept))
+    network = next((e for e in chain if _is_network_error(e)), None)
+    if network is not None:
         return HubPushError(
-            f"Pushing to {repo_id!r} needs a Hugging Face token with write access, and none was found. Log in with "
-            f"`hf auth login`, set the HF_TOKEN environment variable, or pass token=... . {kept}"
+            f"Could not reach the Hub at {endpoint} to push {repo_id!r} ({type(network).__name__}: {network}). Check "
+            f"the network connection (and HF_ENDPOINT or proxy settings), then push again. {kept}"
         )
-    if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code
-        said = f" The Hub said: {exc.server_message.strip()}" if exc.server_message else ""
-        if status == 401:
-            advice = (
-                "The Hub rejected the token (401): it is invalid, expired or revoked. Create a token with write "
-                "access at https://huggingface.co/settings/tokens and pass it as token=... ."
-            )
-        elif status in (403, 404):
-            advice = (
-                f"The token may not write to {repo_id!r} ({status}): it is read-only, or '{namespace}' is neither your "
-                "user nor an organization you can write to. Use a token with write access, or push to a repo in "
-                "your own namespace."
-            )
-        elif status in (409, 412):
-            advice = f"Someone else changed {repo_id!r} during the push ({status}); push again."
-        elif status == 429 or status >= 500:
-            advice = (
-                f"The Hub is unavailable or rate-limiting ({status}) even after huggingface_hub's retries; "
-                "push again later."
-            )
-        else:
-            advice = f"The Hub refused the push ({status})."
-        return HubPushError(f"Could not push to {repo_id!r}. {advice}{said} {kept}")
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0] in (
-        "httpx",
-        "httpx2",
-        "httpcore",
-        "requests",
-        "urllib3",
-    ):
+    local = next((e for e in chain if isinstance(e, OSError)), None)
+    if local is not None:  # not the network: a staged file that could not be read
+        where = f" ({local.filename})" if getattr(local, "filename", None) else ""
         return HubPushError(
-            f"Could not reach the Hub at {endpoint} to push {repo_id!r} ({type(exc).__name__}: {exc}). Check the "
-            f"network connection (and HF_ENDPOINT or proxy settings), then push again. {kept}"
+            f"Could not read the adapter files staged for the push to {repo_id!r}{where}: {type(local).__name__}: "
+            f"{local.strerror or local}. This is a local problem (disk, permissions, temporary folder), not the Hub; "
+            f"fix it and push again. {kept}"
         )
     return None
+
+
+def _no_token(repo_id: str, kept: str) -> str:
+    return (
+        f"Pushing to {repo_id!r} needs a Hugging Face token with write access, and none was found. Log in with "
+        f"`hf auth login`, set the HF_TOKEN environment variable, or pass token=... . {kept}"
+    )
+
+
+def _http_message(exc: HfHubHTTPError, repo_id: str, namespace: str, token: str | None, kept: str) -> str:
+    status = exc.response.status_code if exc.response is not None else None
+    said = f" The Hub said: {exc.server_message.strip()}" if exc.server_message else ""
+    request = f" (request id {exc.request_id})" if getattr(exc, "request_id", None) else ""
+    if status == 401 and token is None and get_token() is None:
+        return _no_token(repo_id, kept)
+    if isinstance(exc, RevisionNotFoundError):
+        advice = f"The branch does not exist in {repo_id!r}; create it, or push to 'main'."
+    elif isinstance(exc, RepositoryNotFoundError) and status != 401:
+        advice = (
+            f"{repo_id!r} cannot be written with this token: '{namespace}' is neither your user nor an organization "
+            "you can write to, or the token is read-only. Use a token with write access, or push to a repo in your own "
+            "namespace."
+        )
+    elif isinstance(exc, DisabledRepoError):
+        advice = f"{repo_id!r} is disabled on the Hub; push to another repo."
+    elif isinstance(exc, BadRequestError):
+        advice = "The Hub rejected the request as malformed (400)."
+    elif status == 401 or isinstance(exc, RepositoryNotFoundError):
+        advice = (
+            "The Hub rejected the token (401): it is invalid, expired or revoked. Create a token with write "
+            "access at https://huggingface.co/settings/tokens and pass it as token=... ."
+        )
+    elif status in (403, 404):
+        advice = (
+            f"The token may not write to {repo_id!r} ({status}): it is read-only, or '{namespace}' is neither your "
+            "user nor an organization you can write to. Use a token with write access, or push to a repo in "
+            "your own namespace."
+        )
+    elif status in (409, 412):
+        advice = f"Someone else changed {repo_id!r} during the push ({status}); push again."
+    elif status is not None and (status == 429 or status >= 500):
+        advice = (
+            f"The Hub is unavailable or rate-limiting ({status}) even after huggingface_hub's retries; "
+            "push again later."
+        )
+    else:
+        advice = f"The Hub refused the push ({status})."
+    return f"Could not push to {repo_id!r}. {advice}{said}{request} {kept}"
 
 
 def push_adapter_to_hub(
     model: nn.Module,
     repo_id: str,
     *,
-    private: bool | None = None,
+    private: bool = True,
     token: str | None = None,
     revision: str = "main",
     commit_message: str | None = None,
@@ -424,7 +503,9 @@ def push_adapter_to_hub(
     """Upload the adapter of a prepared ``model`` (what ``save_adapter`` writes) and a model card to
     ``repo_id`` in one commit; returns the commit URL.
 
-    The repo is created if needed (``private`` applies only then). An existing README is updated,
+    The repo is created if needed, private unless ``private=False`` (an adapter may hold what
+    private training data taught it; make it public on purpose). ``private`` applies only when the
+    repo is created: an existing repo keeps its visibility. An existing README is updated,
     not replaced. ``token=None`` uses the logged-in token (``hf auth login`` / ``HF_TOKEN``).
     Raises :class:`HubPushError` when the Hub cannot be reached or refuses the push.
     """

@@ -210,7 +210,8 @@ class LoraLinear(nn.Module):
             self.base_layer = requantized_like(self.base_layer, merged)
         else:
             self._unmerged_base = None
-            self._original_weight = self.base_layer.weight.detach().clone()
+            # A buffer (not saved): .to() and .cuda() move it with the layer.
+            self.register_buffer("_original_weight", self.base_layer.weight.detach().clone(), persistent=False)
             self._write_dense_weight(merged)
         self.merged_adapters = list(self.active_adapters)
 
@@ -219,6 +220,7 @@ class LoraLinear(nn.Module):
         if not self.merged_adapters:
             return
         if self._unmerged_base is not None:
+            release_quantized(self.base_layer)  # the requantized merge: freed now, not at the next gc
             self.base_layer = self._unmerged_base
             self._unmerged_base = None
         else:
@@ -252,6 +254,15 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={list(self.active_adapters)}"
+
+
+def release_quantized(layer: nn.Module) -> None:
+    """Break the reference cycle bitsandbytes keeps between a 4-bit layer and its weight
+    (``Params4bit.module``), so a discarded layer is freed at once instead of at the next garbage
+    collection: otherwise replacing layers one by one keeps every old one alive until the end."""
+    for param in layer.parameters(recurse=False):
+        if getattr(param, "module", None) is not None:
+            param.module = None
 
 
 def was_conv1d(layer: nn.Module) -> bool:

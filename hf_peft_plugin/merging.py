@@ -10,7 +10,7 @@ from torch import nn
 from .errors import MergeError
 from .fsdp import require_gathered
 from .heads import TrainableCopy
-from .lora import LoraLinear, plain_linear, was_conv1d
+from .lora import LoraLinear, plain_linear, release_quantized, was_conv1d
 from .quantization import dequantized_weight, is_quantized_linear, requantized_like
 from .state import STATE_ATTRIBUTE, require_state
 from .targeting import adapter_layers
@@ -136,6 +136,10 @@ def _replace_children(module: nn.Module, replace: Callable[[nn.Module], nn.Modul
         new = replace(child)
         if new is not None:
             setattr(module, name, new)
+            kept = {id(m) for m in new.modules()}
+            for old in child.modules():  # what the replacement does not reuse goes now, not at the next gc
+                if id(old) not in kept and is_quantized_linear(old):
+                    release_quantized(old)
         _replace_children(child if new is None else new, replace)
 
 

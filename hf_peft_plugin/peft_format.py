@@ -289,6 +289,48 @@ def _require(config: dict[str, Any], path: Path, names: tuple[str, ...]) -> None
         raise AdapterLoadError(f"{path} lacks the required field(s) {missing}; the file is incomplete.")
 
 
+def _int(config: dict[str, Any], path: Path, key: str, minimum: int = 1) -> int:
+    """``config[key]`` as a whole number >= ``minimum`` (``true`` is not a number; ``8.0`` is 8)."""
+    value = config[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterLoadError(f"{path}: {key} must be a whole number >= {minimum}; it is {value!r}.")
+    return value
+
+
+def _number(value: Any, path: Path, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterLoadError(f"{path}: {key} must be a number; it is {value!r}.")
+    return value
+
+
+def _flag(config: dict[str, Any], path: Path, key: str) -> bool:
+    value = config.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # "false" would be truthy
+        raise AdapterLoadError(f"{path}: {key} must be true or false; it is {value!r}.")
+    return value
+
+
+def _pattern(config: dict[str, Any], path: Path, key: str, whole: bool) -> dict[str, Any]:
+    """peft's ``rank_pattern``/``alpha_pattern``: a JSON object of module-name pattern -> rank/alpha."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterLoadError(
+            f"{path}: {key} must be a JSON object mapping module-name patterns to "
+            f"{'ranks' if whole else 'alphas'}, e.g. {{\"q_proj\": 8}}; it is {value!r}."
+        )
+    if whole:
+        return {str(k): _int_entry(v, path, key, k) for k, v in value.items()}
+    return {str(k): _number(v, path, f"{key}[{k!r}]") for k, v in value.items()}
+
+
+def _int_entry(value: Any, path: Path, key: str, name: str) -> int:
+    return _int({f"{key}[{name!r}]": value}, path, f"{key}[{name!r}]")
+
+
 def _config_error(path: Path, exc: ConfigError) -> AdapterLoadError:
     return AdapterLoadError(f"{path} holds an invalid setting: {exc}")
 
@@ -311,13 +353,13 @@ def _parse_lora(artifact: Artifact, config: dict[str, Any], tensors: dict[str, t
         )
     try:
         artifact.lora = LoraConfig(
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout") or 0.0,
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora", False)),
+            r=_int(config, path, "r"),
+            alpha=_number(config["lora_alpha"], path, "lora_alpha"),
+            dropout=_number(config.get("lora_dropout") or 0.0, path, "lora_dropout"),
+            rank_pattern=_pattern(config, path, "rank_pattern", whole=True),
+            alpha_pattern=_pattern(config, path, "alpha_pattern", whole=False),
+            use_rslora=_flag(config, path, "use_rslora"),
+            use_dora=_flag(config, path, "use_dora"),
             init="pissa" if init == "pissa" else "default",
         )
     except ConfigError as exc:
@@ -365,8 +407,9 @@ def _parse_prompt(artifact: Artifact, config: dict[str, Any], tensors: dict[str,
     weight = tensors.pop(PROMPT_KEY)
     init = "vocab" if config.get("prompt_tuning_init") == "SAMPLE_VOCAB" else "random"
     text, tokenizer = config.get("prompt_tuning_init_text"), config.get("tokenizer_name_or_path")
-    artifact.prompt = _prompt_config(path, config["num_virtual_tokens"], init, text, tokenizer, weight)
-    artifact.prompt_weight, artifact.token_dim = weight, config["token_dim"]
+    n, token_dim = _int(config, path, "num_virtual_tokens"), _int(config, path, "token_dim")
+    artifact.prompt = _prompt_config(path, n, init, text, tokenizer, weight)
+    artifact.prompt_weight, artifact.token_dim = weight, token_dim
     _common_fields(artifact, config)
     for key, tensor in tensors.items():
         if not key.startswith(PROMPT_PREFIX):
@@ -397,10 +440,16 @@ def _parse_extras(artifact: Artifact, config: dict[str, Any], tensors: dict[str,
     path = artifact.directory / EXTRAS_CONFIG_NAME
     _check_fields(config, path, _EXTRAS_FIELDS, set())
     _require(config, path, ("hf_peft_plugin_format",))
-    if not isinstance(config["hf_peft_plugin_format"], int) or config["hf_peft_plugin_format"] > EXTRAS_FORMAT_VERSION:
+    version = config["hf_peft_plugin_format"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise AdapterLoadError(
-            f"{path} was written in hf_peft_plugin format {config['hf_peft_plugin_format']}; this version reads "
-            f"format {EXTRAS_FORMAT_VERSION}. Upgrade hf_peft_plugin."
+            f"{path}: hf_peft_plugin_format must be a whole number (this version writes {EXTRAS_FORMAT_VERSION}); "
+            f"it is {version!r} ({type(version).__name__}). The file was not written by hf_peft_plugin, or was edited."
+        )
+    if version > EXTRAS_FORMAT_VERSION:
+        raise AdapterLoadError(
+            f"{path} was written in hf_peft_plugin format {version}, newer than the format {EXTRAS_FORMAT_VERSION} "
+            "this version reads. Upgrade hf_peft_plugin."
         )
     _common_fields(artifact, config)
     if config.get("prompt") is not None:
@@ -415,13 +464,25 @@ def _parse_extras(artifact: Artifact, config: dict[str, Any], tensors: dict[str,
         weight = tensors.pop(PROMPT_KEY)
         init = prompt.get("init") if prompt.get("init") in ("random", "vocab") else "random"
         text, tokenizer = prompt.get("init_text"), prompt.get("tokenizer_name_or_path")
-        artifact.prompt = _prompt_config(path, prompt["num_virtual_tokens"], init, text, tokenizer, weight)
-        artifact.prompt_weight, artifact.token_dim = weight, prompt["token_dim"]
+        n, token_dim = _int(prompt, path, "num_virtual_tokens"), _int(prompt, path, "token_dim")
+        artifact.prompt = _prompt_config(path, n, init, text, tokenizer, weight)
+        artifact.prompt_weight, artifact.token_dim = weight, token_dim
     if config.get("bottleneck") is not None:
+        bottleneck = config["bottleneck"]
+        if not isinstance(bottleneck, dict):
+            raise AdapterLoadError(f"{path}: bottleneck must be a JSON object of settings; it is {bottleneck!r}.")
+        layers = bottleneck.get("layers")
+        if layers is not None and (
+            not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            raise AdapterLoadError(
+                f"{path}: bottleneck.layers must be null (every block) or a list of block indices such as [0, 2]; "
+                f"it is {layers!r}."
+            )
         try:
-            artifact.bottleneck = BottleneckConfig(**config["bottleneck"])
-        except (ConfigError, TypeError) as exc:
-            raise AdapterLoadError(f"{path} holds an invalid bottleneck setting: {exc}") from None
+            artifact.bottleneck = BottleneckConfig(**{**bottleneck, "layers": None if layers is None else tuple(layers)})
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise AdapterLoadError(f"{path} holds an invalid bottleneck setting: {exc}") from exc
     for key, tensor in tensors.items():
         if not key.startswith(LORA_PREFIX):
             raise AdapterLoadError(f"{artifact.directory / EXTRAS_WEIGHTS_NAME} holds unexpected tensor {key!r}.")

@@ -691,3 +691,79 @@ def test_torch_save_of_a_prepared_model_round_trips(case, tmp_path):
     again.save_pretrained(tmp_path / "saved")  # still saves the adapter only
     assert PEFT_FILES <= {p.name for p in (tmp_path / "saved").iterdir()}
     assert type(pickle.loads(pickle.dumps(model))) is type(model)
+
+
+def edit_extras(directory: Path, **changes) -> None:
+    path = directory / "hf_peft_plugin_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if "." in key:
+            outer, inner = key.split(".")
+            config[outer][inner] = value
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+MALFORMED = {  # what to write -> words the error must say
+    "rank_pattern is a string": (lambda d: edit_config(d, rank_pattern="abc"), "rank_pattern must be a JSON object"),
+    "rank not a number": (lambda d: edit_config(d, rank_pattern={"q_proj": "8"}), r"rank_pattern\['q_proj'\] must be"),
+    "r is true": (lambda d: edit_config(d, r=True), "r must be a whole number >= 1; it is True"),
+    "use_dora is a string": (lambda d: edit_config(d, use_dora="false"), "use_dora must be true or false"),
+    "alpha_pattern is a list": (lambda d: edit_config(d, alpha_pattern=[1]), "alpha_pattern must be a JSON object"),
+    "format is a string": (lambda d: edit_extras(d, hf_peft_plugin_format="1"), "must be a whole number"),
+    "format is true": (lambda d: edit_extras(d, hf_peft_plugin_format=True), "it is True"),
+    "format from the future": (lambda d: edit_extras(d, hf_peft_plugin_format=2), "format 2, newer than the format 1"),
+    "layers is a string": (lambda d: edit_extras(d, **{"bottleneck.layers": "ab"}), "bottleneck.layers must be null"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(MALFORMED))
+def test_malformed_config_values_are_clear_load_errors(problem, tmp_path):
+    model = prepare_model(
+        tiny_llama(), bits=None, lora=LoraConfig(r=4, target_modules=["q_proj"]), bottleneck=BottleneckConfig(layers=[0])
+    )
+    save_adapter(model, tmp_path)
+    damage, message = MALFORMED[problem]
+    damage(tmp_path)
+    plain = tiny_llama()
+    before = snapshot(plain)
+    with pytest.raises(AdapterLoadError, match=message) as info:
+        load_adapter(plain, tmp_path)
+    assert "reads format 1" not in str(info.value)  # never "written in format 1; this version reads format 1"
+    assert_untouched(plain, before)
+
+
+def test_merge_and_unload_frees_each_replaced_quantized_layer_at_once():
+    """bitsandbytes keeps a cycle (layer -> Params4bit -> layer): without breaking it, every old and
+    merged 4-bit base stays alive until the garbage collector runs, on top of the new layers."""
+    import gc
+    import weakref
+
+    for requantize in (False, True):
+        model = adapted("llama-4bit-dora")
+        merge_adapters(model)  # merged: each layer holds its original base and the requantized merge
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        refs = [weakref.ref(x) for m in layers for x in (m.base_layer, m._unmerged_base)]
+        del layers
+        gc.disable()
+        try:
+            merged = merge_and_unload(model, requantize=requantize)
+            kept = {id(m) for m in merged.modules()}
+            leaked = [r() for r in refs if r() is not None and id(r()) not in kept]
+        finally:
+            gc.enable()
+        assert len(refs) == 28 and leaked == []
+
+
+def test_merged_original_weight_moves_with_the_model():
+    model = adapted("gpt2-plain")
+    merge_adapters(model)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    original = layer._original_weight.clone()
+    assert "_original_weight" not in layer.state_dict()  # not saved
+    model.to(torch.float64)
+    assert layer._original_weight.dtype == torch.float64
+    unmerge_adapters(model)
+    assert layer.base_layer.weight.dtype == torch.float64
+    assert torch.equal(layer.base_layer.weight, original.to(torch.float64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from pathlib import Path
 
@@ -397,3 +398,24 @@ def test_trainers_own_push_uploads_the_adapter_and_callback_does_not_push(local_
 def assert_pushed_final_adapter_to(files, model):
     now, pushed = model.get_adapter_state_dict(), load(files["adapter_model.safetensors"])
     assert now.keys() == pushed.keys() and all(torch.equal(now[k], pushed[k]) for k in now)
+
+
+def test_connection_dropped_mid_upload_is_a_hub_push_error_and_training_finishes(
+    local_hub, tmp_path, caplog, monkeypatch
+):
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where the callback stages its pushes
+    local_hub.drop_next("/__lfs__/", times=-1)  # every upload of the weights loses its connection
+    caplog.set_level(logging.INFO, logger="hf_peft_plugin")
+    cb = AdapterCallback(REPO, hub_strategy="every_save", token="hf_write_alice")
+    t = trainer(model_with(), arguments(tmp_path / "out"), cb)
+    t.train()
+    assert t.state.global_step == 4
+    assert isinstance(cb.push_error, HubPushError) and "Could not reach the Hub" in str(cb.push_error)
+    assert "unexpectedly" not in caplog.text and "a push failed; training goes on" in caplog.text
+    kept = Path(caplog.text.split("The adapter is kept in ")[1].split(";")[0])
+    assert [p for p in staging.iterdir() if p.name.startswith("hf-peft-plugin-push-")] == [kept]  # others removed
+    assert ADAPTER_FILES <= {p.name for p in kept.iterdir()}
+    assert ADAPTER_FILES <= {p.name for p in (tmp_path / "out" / "checkpoint-4").iterdir()}  # local files intact
+    assert our_commits(local_hub) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,17 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load
 
-from hf_peft_plugin import BottleneckConfig, ConfigError, HubPushError, LoraConfig, PromptTuningConfig, cli, prepare_model
+from hf_peft_plugin import (
+    BottleneckConfig,
+    ConfigError,
+    HubPushError,
+    LoraConfig,
+    PromptTuningConfig,
+    add_adapter,
+    cli,
+    delete_adapter,
+    prepare_model,
+)
 from hf_peft_plugin.hub import CARD_END, CARD_START, adapter_model_card, merge_model_card, push_adapter_to_hub
 from hf_peft_plugin.loading import load_adapter
 from hf_peft_plugin.saving import save_adapter
@@ -346,3 +357,101 @@ def test_cli_push_builds_the_classifier_as_wide_as_the_saved_head(local_hub, mon
     assert "text-classification" in card_on_hub(local_hub).data.pipeline_tag
     reloaded = load_adapter(AutoModelForSequenceClassification.from_pretrained(base_dir, **three), REPO)
     assert reloaded.classifier.modules_to_save["default"].out_features == 3
+
+
+# -- connection dropped mid-upload, local errors, request ids, privacy, stale files ---------------
+
+
+def test_connection_dropped_mid_upload_is_a_hub_push_error(local_hub, caplog, tmp_path):
+    model = adapted()
+    local = tmp_path / "adapter"
+    save_adapter(model, local)
+    before = {p.name: p.read_bytes() for p in local.iterdir()}
+    local_hub.drop_next("/__lfs__/", times=-1)  # every try of the weights upload loses its connection
+    error = failed_push(local_hub, caplog, token="hf_write_alice")
+    assert "Could not reach the Hub" in str(error) and "RemoteProtocolError" in str(error)
+    assert "No commit was made" in str(error)
+    assert local_hub.requests_matching("/__lfs__/") and not local_hub.requests_matching("/commit/")
+    assert {p.name: p.read_bytes() for p in local.iterdir()} == before
+
+
+def test_an_unreadable_staged_file_is_a_local_error_not_the_network(local_hub, caplog, monkeypatch):
+    import hf_peft_plugin.hub as hub_module
+
+    def unreadable(path_in_repo, path_or_fileobj):
+        raise PermissionError(13, "Permission denied", path_or_fileobj)
+
+    monkeypatch.setattr(hub_module, "CommitOperationAdd", unreadable)
+    error = failed_push(local_hub, caplog, token="hf_write_alice")
+    assert "Could not reach the Hub" not in str(error)
+    assert "local problem" in str(error) and "PermissionError" in str(error) and "Permission denied" in str(error)
+
+
+def test_the_hubs_request_id_is_in_the_message(local_hub, caplog):
+    error = failed_push(local_hub, caplog, token="hf_read_alice")
+    assert "(request id Root=1-" in str(error)
+
+
+def test_repos_are_private_unless_asked_otherwise(local_hub):
+    push_adapter_to_hub(adapted(), "alice/default", token="hf_write_alice")
+    push_adapter_to_hub(adapted(), "alice/public", token="hf_write_alice", private=False)
+    assert local_hub.is_private("alice/default") and not local_hub.is_private("alice/public")
+
+
+def test_a_deleted_adapter_leaves_the_repo_with_the_next_push(local_hub):
+    model = adapted()
+    add_adapter(model, "fr", lora=LoraConfig(r=2, target_modules=["q_proj"]))
+    push_adapter_to_hub(model, REPO, token="hf_write_alice")
+    assert {"fr/adapter_config.json", "fr/adapter_model.safetensors"} <= set(local_hub.files(REPO))
+    delete_adapter(model, "fr")
+    push_adapter_to_hub(model, REPO, token="hf_write_alice")
+    assert not [p for p in local_hub.files(REPO) if p.startswith("fr/")]
+
+
+def test_cli_push_public_and_private(local_hub, monkeypatch, saved_4bit_adapter, capsys):
+    base_dir, folder, _ = saved_4bit_adapter
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    assert cli.main(["push", str(folder), "alice/cli-default", "--base", str(base_dir)]) == 0
+    assert cli.main(["push", str(folder), "alice/cli-public", "--base", str(base_dir), "--public"]) == 0
+    assert local_hub.is_private("alice/cli-default") and not local_hub.is_private("alice/cli-public")
+
+
+def test_cli_push_connection_dropped_exits_1_with_a_message(local_hub, monkeypatch, saved_4bit_adapter, capsys):
+    base_dir, folder, _ = saved_4bit_adapter
+    monkeypatch.setenv("HF_TOKEN", "hf_write_alice")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    local_hub.drop_next("/__lfs__/", times=-1)
+    assert cli.main(["push", str(folder), REPO, "--base", str(base_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "\nhf-peft-plugin: Could not reach the Hub" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def _list_config(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text("[1, 2]")
+
+
+def _truncate_weights(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+CLI_BAD_FILES = {
+    "config not json": (lambda d: (d / "adapter_config.json").write_text("{oops"), "not valid JSON"),
+    "config is a list": (_list_config, "must hold a JSON object; it holds a list"),
+    "truncated weights": (_truncate_weights, "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(CLI_BAD_FILES))
+def test_cli_push_of_bad_files_exits_2_with_a_message(problem, local_hub, tmp_path, capsys):
+    model = prepare_model(tiny_bert_classifier(), bits=None, lora=LoraConfig(r=2, target_modules=["query"]))
+    folder = tmp_path / "adapter"
+    save_adapter(model, folder)
+    assert "classifier" in json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]
+    damage, message = CLI_BAD_FILES[problem]
+    damage(folder)
+    assert cli.main(["push", str(folder), REPO, "--base", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-peft-plugin: ") and message in err and "Traceback" not in err
+    assert local_hub.requests == []

@@ -16,7 +16,7 @@ translation to the PEFT file format a matter of dropping the adapter name.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,18 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterNameError, ConfigError, MergeError
-from .quantization import dequantized_weight, is_quantized_linear, linear_shape, requantized_like, unpack_cpu_4bit
+from .quantization import (
+    dequantized_weight,
+    frozen_dense_weight,
+    is_quantized_linear,
+    linear_shape,
+    requantized_like,
+    unpack_cpu_4bit,
+)
 
 LORA_DTYPE = torch.float32  # trainable weights stay fp32 whatever the compute dtype
+#: Use :class:`_FrozenLinearWithLora` where it applies (a switch for benchmarks and tests).
+FUSED = True
 
 
 class LoraLinear(nn.Module):
@@ -145,6 +154,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.adapters_disabled or not self.active_adapters or self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if FUSED and not args and not kwargs and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            weight = frozen_dense_weight(self.base_layer, x)
+            if weight is not None and not any(n in self.lora_magnitude_vector for n in self.active_adapters):
+                return self._fused_forward(x, weight)
         # The LoRA terms come first. Under non-reentrant gradient checkpointing the backward
         # recomputes a block only up to the last tensor autograd saved; computed after the frozen
         # base, they would force the recompute of the block's last (and largest) frozen GEMM too.
@@ -159,6 +172,18 @@ class LoraLinear(nn.Module):
                 lora_out = lora_b(lora_a(dropped)) * self.scaling[name]
                 result = self._dora_forward(name, x, dropped, result, lora_out)
         return result
+
+    def _fused_forward(self, x: torch.Tensor, weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Base and LoRA terms in one autograd node after each adapter's A (:class:`_FrozenLinearWithLora`)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        lora: list[torch.Tensor] = []
+        for name in self.active_adapters:
+            a = self.lora_A[name].weight
+            lora += [self.lora_B[name].weight, F.linear(self.lora_dropout[name](flat), a)]
+        scalings = tuple(self.scaling[n] for n in self.active_adapters)
+        out = _FrozenLinearWithLora.apply(weight, scalings, self.base_layer.bias, flat, *lora)
+        return out.view(*shape[:-1], out.shape[-1])
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``scaling * B(A(dropout(x)))``, with ``scaling`` folded into the small (out, r) B weight
@@ -263,6 +288,47 @@ def release_quantized(layer: nn.Module) -> None:
     for param in layer.parameters(recurse=False):
         if getattr(param, "module", None) is not None:
             param.module = None
+
+
+class _FrozenLinearWithLora(torch.autograd.Function):
+    """``x W^T + b + sum_i s_i h_i B_i^T`` for a frozen ``W``, as one autograd node; ``h_i`` is
+    adapter ``i``'s rank-``r`` hidden ``dropout_i(x) A_i^T``, computed before (by ``F.linear``).
+
+    Against the frozen layer plus separate LoRA modules (what peft and the unfused path run) it
+    saves, per layer and step, the (tokens, out) LoRA output and the pass that adds it (each term
+    is accumulated into the base GEMM's output by ``addmm_``), the ``scaling * B`` copy and four
+    autograd nodes. ``weight()`` gives the dense frozen weight in ``x``'s dtype; a 4-bit one is
+    dequantized in the forward and again in the backward, never kept (as bitsandbytes does).
+
+    Nothing is handed to ``save_for_backward``: ``x`` is not needed (no weight gradient for the
+    frozen base), ``B_i`` are parameters, and ``h_i`` (tokens x r, r/in of ``x``'s size) is kept on
+    the context. So under non-reentrant gradient checkpointing, which recomputes a block only up
+    to its last saved tensor, the recompute stops at the last layer's ``h`` and skips that layer's
+    frozen GEMM, as the unfused path (LoRA terms first) does.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scalings, bias, x, *lora):
+        w = weight()
+        out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+        for i, s in enumerate(scalings):
+            b, h = lora[2 * i], lora[2 * i + 1]
+            out.addmm_(h, b.t(), alpha=s)
+        ctx.weight, ctx.scalings, ctx.has_bias = weight, scalings, bias is not None
+        ctx.lora = [t.detach() for t in lora]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = torch.mm(grad, ctx.weight()) if ctx.needs_input_grad[3] else None
+        grads: list[torch.Tensor | None] = []
+        for i, s in enumerate(ctx.scalings):
+            b, h = ctx.lora[2 * i], ctx.lora[2 * i + 1]
+            grad_b = torch.mm(grad.t(), h).mul_(s) if ctx.needs_input_grad[4 + 2 * i] else None
+            grad_h = torch.mm(grad, b).mul_(s) if ctx.needs_input_grad[5 + 2 * i] else None
+            grads += [grad_b, grad_h]
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (None, None, grad_bias, grad_x, *grads)
 
 
 def was_conv1d(layer: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -99,6 +99,31 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) ->
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb).to(dtype)
     return module.weight.detach().to(dtype)
+
+
+def frozen_dense_weight(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """For LoRA's fused path: a function giving ``layer``'s frozen dense weight in ``x``'s dtype,
+    or ``None`` where the path does not apply (then the layer runs as is). It applies to float32
+    inputs of a frozen ``nn.Linear`` or a bitsandbytes 4-bit layer in the standard layout that
+    computes in float32; 8-bit layers, half-precision compute, GPT-2's ``Conv1D`` and sharded
+    (DTensor) weights take the unfused path."""
+    if x.dtype != torch.float32 or x.dim() < 2:
+        return None
+    weight = layer.weight
+    if type(layer) is nn.Linear:
+        if weight.requires_grad or weight.dtype != torch.float32 or type(weight.data) is not torch.Tensor:
+            return None
+        return weight.detach
+    bnb = _bnb_if_present()
+    if bnb is None or type(layer) is not bnb.nn.Linear4bit or layer.compute_dtype not in (None, torch.float32):
+        return None
+    state = getattr(weight, "quant_state", None)
+    if state is None or state.dtype != torch.float32 or getattr(state, "packing_format_for_cpu", False):
+        return None
+    if type(weight.data) is not torch.Tensor or (layer.bias is not None and layer.bias.requires_grad):
+        return None
+    data = weight.data
+    return lambda: bnb.functional.dequantize_4bit(data, state)
 
 
 def unpack_cpu_4bit(layer: nn.Module) -> None:

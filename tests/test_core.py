@@ -234,18 +234,37 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_checkpoint_recompute_skips_the_last_frozen_gemm_of_each_block():
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpoint_recompute_skips_the_last_frozen_gemm_of_each_block(fused, monkeypatch):
     """Non-reentrant checkpointing recomputes a block only up to the last tensor autograd saved.
     LoRA terms are computed before the frozen base, so a block's last layer (down_proj) runs its
-    base once per step, not twice; the layers before it are recomputed as usual."""
+    base once per step, not twice; the layers before it are recomputed as usual. The fused path
+    (one autograd node for base + LoRA) saves nothing through autograd and keeps this: counted
+    there as dequantizations of the 4-bit weight, one per forward and one in the backward."""
+    from hf_peft_plugin import lora as lora_module
+
+    monkeypatch.setattr(lora_module, "FUSED", fused)
     model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4), gradient_checkpointing=True).train()
     calls = {"down_proj": 0, "up_proj": 0}
-    for name in calls:
-        base = model.model.layers[0].mlp.get_submodule(name).base_layer
-        base.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    bases = {id(model.model.layers[0].mlp.get_submodule(n).base_layer): n for n in calls}
+    if fused:
+        original = lora_module.frozen_dense_weight
+
+        def counting(layer, x):
+            weight = original(layer, x)
+            name = bases.get(id(layer))
+            if weight is None or name is None:
+                return weight
+            return lambda: (calls.__setitem__(name, calls[name] + 1), weight())[1]
+
+        monkeypatch.setattr(lora_module, "frozen_dense_weight", counting)
+    else:
+        for name in calls:
+            base = model.model.layers[0].mlp.get_submodule(name).base_layer
+            base.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
     ids = token_batch()
     model(input_ids=ids, labels=ids).loss.backward()
-    assert calls == {"down_proj": 1, "up_proj": 2}
+    assert calls == ({"down_proj": 2, "up_proj": 3} if fused else {"down_proj": 1, "up_proj": 2})
     assert model.model.layers[0].mlp.down_proj.lora_B["default"].weight.grad.abs().sum() > 0
 
 

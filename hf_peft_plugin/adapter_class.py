@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .loss import chunked_forward, takes_labels
 from .state import STATE_ATTRIBUTE, AdapterState, adapter_state, require_state
 from .targeting import adapter_layers
 
@@ -129,6 +130,8 @@ def adapter_aware_class(cls: type) -> type:
     aware = _ADAPTER_AWARE_CLASSES.get(cls)
     if aware is None:
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_hf_peft_plugin_base": cls}
+        if takes_labels(cls):  # a causal LM's training loss in chunks, never the full logits (loss.py)
+            namespace["forward"] = chunked_forward(cls.forward)
         aware = _ADAPTER_AWARE_CLASSES[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return aware
 

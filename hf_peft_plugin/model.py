@@ -18,6 +18,7 @@ from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, Quantizati
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
 from .fsdp import FSDP_QUANT_STORAGE, shard_model
 from .lora import LoraLinear
+from .loss import ChunkedLossConfig, configure_chunked_loss
 from .names import validate_adapter_name
 from .packing import guard_packed_batches
 from .quantization import (
@@ -48,6 +49,8 @@ def prepare_model(
     quant_storage: torch.dtype | None = None,
     gradient_checkpointing: bool = False,
     fsdp: bool = False,
+    chunked_loss: bool = True,
+    loss_chunk_size: int | None = None,
     adapter_name: str = "default",
     task_type: str | None = None,
     **from_pretrained_kwargs: Any,
@@ -59,6 +62,10 @@ def prepare_model(
     local path / Hub id (quantized while the weights stream in; ``from_pretrained_kwargs`` such as
     ``num_labels`` or ``revision`` are passed on). With no adapter config, LoRA with
     :class:`LoraConfig` defaults is attached.
+
+    ``chunked_loss`` (default on): a causal LM's training loss is computed ``loss_chunk_size``
+    labelled tokens at a time straight from the hidden states, never building the full logits
+    (see :mod:`hf_peft_plugin.loss`); ``chunked_loss=False`` keeps transformers' own loss.
 
     Example::
 
@@ -79,6 +86,7 @@ def prepare_model(
         quant_storage=quant_storage,
         keep_full_precision=keep_full_precision,
     )
+    loss_config = ChunkedLossConfig(enabled=chunked_loss, chunk_size=loss_chunk_size)
     validate_adapter_name(adapter_name)
     if task_type is not None and task_type not in TASK_AUTO_CLASSES:
         raise ConfigError(f"task_type must be one of {sorted(TASK_AUTO_CLASSES)}; got {task_type!r}.")
@@ -132,6 +140,7 @@ def prepare_model(
     )
     make_adapter_aware(model, state)
     guard_packed_batches(model)  # padding-free batches: no cache, and a clear error where unsupported
+    configure_chunked_loss(model, loss_config)
     set_active_adapters(model, [adapter_name])
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -199,6 +199,10 @@ def estimated_activations(case: dict) -> tuple[int, int]:
         gradient_checkpointing=case["gradient_checkpointing"],
         device="cpu",
         dtype=case_dtype(case),
+        chunked_loss=case.get("chunked_loss", True),
+        loss_chunk_size=case.get("loss_chunk_size"),
+        offload_activations=case.get("offload", False),
+        packed_tokens=case["batch_size"] * case["seq_len"] if case.get("packed") else None,
     )
     return est.activation_bytes, est.overhead_bytes
 
@@ -248,13 +252,22 @@ def _step_peak(case: dict) -> int:
         lora=case_lora(case),
         compute_dtype=dtype,
         gradient_checkpointing=case["gradient_checkpointing"],
+        chunked_loss=case.get("chunked_loss", True),
+        loss_chunk_size=case.get("loss_chunk_size"),
+        offload_activations=case.get("offload", False),
     )
     model.train()
     ids = torch.randint(3, config["vocab_size"], (case["batch_size"], case["seq_len"]))
+    inputs = dict(input_ids=ids, labels=ids)
+    if case.get("packed"):  # the examples concatenated into one row, positions restarting per example
+        positions = torch.arange(case["seq_len"]).repeat(case["batch_size"]).unsqueeze(0)
+        labels = ids.clone()
+        labels[:, 0] = -100  # no example predicts the next one's first token
+        inputs = dict(input_ids=ids.reshape(1, -1), labels=labels.reshape(1, -1), position_ids=positions)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=ids, labels=ids).loss  # outputs dropped before backward, as in the Trainer
+            loss = model(**inputs).loss  # outputs dropped before backward, as in the Trainer
         loss.backward()
 
     step()  # warm-up: lazy initialisation, and the gradient buffers (not activations) now exist

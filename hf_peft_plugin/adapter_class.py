@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .loss import chunked_forward, takes_labels
+from .offload import keeping_offload
 from .state import STATE_ATTRIBUTE, AdapterState, adapter_state, require_state
 from .targeting import adapter_layers
 
@@ -132,6 +133,8 @@ def adapter_aware_class(cls: type) -> type:
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_hf_peft_plugin_base": cls}
         if takes_labels(cls):  # a causal LM's training loss in chunks, never the full logits (loss.py)
             namespace["forward"] = chunked_forward(cls.forward)
+        if hasattr(cls, "activation_checkpointing_enable"):  # keeps activation offload on (offload.py)
+            namespace["activation_checkpointing_enable"] = keeping_offload(cls.activation_checkpointing_enable)
         aware = _ADAPTER_AWARE_CLASSES[cls] = type(cls.__name__, (AdapterModelMixin, cls), namespace)
     return aware
 

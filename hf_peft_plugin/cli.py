@@ -33,7 +33,16 @@ from .peft_format import (
 from .config import LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterLoadError, HfPeftPluginError, HubPushError, MemoryBudgetError
 from .hub import check_repo_id, push_adapter_to_hub
-from .memory import OPTIMIZER_STATE_BITS, PLANNABLE, estimate_memory, format_bytes, parse_budget, plan_for_memory
+from .memory import (
+    OPTIMIZER_STATE_BITS,
+    PLANNABLE,
+    estimate_memory,
+    format_bytes,
+    load_model_config,
+    longest_context,
+    parse_budget,
+    plan_for_memory,
+)
 from .model import load_base_model
 from .state import TASK_AUTO_CLASSES
 
@@ -70,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=1)
     common.add_argument("--seq-len", type=int, default=2048)
     common.add_argument("--no-gradient-checkpointing", action="store_true")
+    common.add_argument("--no-chunked-loss", action="store_true", help="transformers' full-logits loss")
+    common.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in host memory")
     common.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BITS), default="adamw_torch")
     common.add_argument(
         "--dtype", choices=sorted(_DTYPES), default=None, help="compute dtype (default bf16 on cuda, fp32 on cpu)"
@@ -109,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_position_limit(model: str, estimate) -> bool:
+    limit = getattr(load_model_config(model).get_text_config(), "max_position_embeddings", None)
+    virtual = estimate.settings.prompt.num_virtual_tokens if estimate.settings.prompt is not None else 0
+    return limit is not None and estimate.settings.seq_len + virtual >= limit
+
+
 def _settings(args: argparse.Namespace) -> dict:
     lora = None
     if args.rank is not None or args.prompt_tokens is None:
@@ -127,6 +144,8 @@ def _settings(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        chunked_loss=not args.no_chunked_loss,
+        offload_activations=args.offload_activations,
         optimizer=args.optimizer,
         dtype=_DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
@@ -239,6 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(estimate)
     if budget is None:
         return 0
+    longest = longest_context(args.model, budget, **{k: v for k, v in settings.items() if k != "seq_len"})
+    if longest is None:
+        print(f"Not even one token per row fits in {format_bytes(budget)} with these settings.")
+    else:
+        print(
+            f"Longest context that fits in {format_bytes(budget)}: {longest.settings.seq_len:,} tokens per row "
+            f"at batch {longest.settings.batch_size} ({format_bytes(longest.total_bytes)})"
+            + (" = the model's max_position_embeddings." if _at_position_limit(args.model, longest) else ".")
+        )
     spare = budget - estimate.total_bytes
     if spare >= 0:
         print(f"Fits in {format_bytes(budget)} ({format_bytes(spare)} to spare).")

@@ -116,8 +116,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             with torch.enable_grad():
                 rows = hidden[start : start + chunk].detach().requires_grad_(need_hidden)
-                logits = _transformed(head(rows).float(), scale, softcap)
-                loss = F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+                # One expression: the logits are freed once log_softmax has its output (what its backward reads).
+                loss = F.cross_entropy(
+                    _transformed(head(rows).float(), scale, softcap), targets[start : start + chunk], reduction="sum"
+                )
             if want_grads:
                 inputs = ([rows] if need_hidden else []) + trainable
                 grads = torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -128,7 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     if grad is not None:
                         acc += grad
             total += loss.detach()
-            del logits, loss
+            del loss
         ctx.need_hidden = need_hidden
         ctx.trainable = [grad_enabled and p.requires_grad for p in params]
         ctx.dtypes = [p.dtype for p in trainable]

@@ -11,9 +11,9 @@ fits a budget. docs/memory.md has the validation and a table for popular model s
 Activations, for batch ``b``, sequence ``s`` (plus any virtual tokens), ``t = b*s``, hidden ``h``,
 MLP width ``i``, attention widths ``q = heads*head_dim`` and ``kv = kv_heads*head_dim``, vocab
 ``V``. ``M`` is the compute dtype's size (matmul inputs are saved in it; half precision assumes the
-Trainer's ``bf16=True``/``fp16=True`` autocast); ``E`` is the size of the elementwise stream: 4 when
-the base is quantized (its norms are upcast to float32, which makes the hidden states float32) or
-the compute dtype is float32, else ``M``. Per block, autograd keeps:
+Trainer's ``bf16=True``/``fp16=True`` autocast); ``E`` is the size of the elementwise stream, also
+``M``: a quantized base's norms compute in float32 but hand their input dtype on (measured: a 4-bit
+bf16 step peaks where an unquantized one does). Per block, autograd keeps:
 
 * each norm's float32 input: ``4 t h``; attention (SDPA/flash): ``M t (2q + 2kv)`` for q, k, v and
   the output, plus ``4 b heads s`` for the log-sum-exp; the probabilities ``M b heads s^2`` with
@@ -35,6 +35,15 @@ logits), so a causal LM's loss peaks at ``12 b s V`` bytes -- often the largest 
 block's own backward adds about ``E t (h + 2i)`` of gradients. Without checkpointing the peak is
 all blocks + outside + the larger transient; with checkpointing it is one ``E t h`` input per block
 plus the larger of (outside + loss transient) and (one recomputed block + its transient).
+
+The chunked loss (``prepare_model``'s default, :mod:`~hf_peft_plugin.loss`) never builds those
+``t V`` tensors: it keeps the hidden states' gradient ``E t h`` (instead of the log-probabilities)
+and, while it runs, a copy of the labelled rows ``E t h`` plus one chunk's ``12 c V`` (``c`` =
+``loss_chunk_size``, at most ``t``; all tokens are assumed labelled); its backward adds ``2 E t h``.
+Packing (``packed_tokens``): one row of that many tokens (the sum of the examples' lengths)
+replaces ``batch_size x seq_len``. Activation offload (CUDA, with checkpointing) moves the ``E t h``
+block inputs to host memory (``offloaded_bytes``, not in the device total) and brings one back at a
+time for its recompute; on the CPU it changes nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from .bottleneck import BottleneckAdapter
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import ConfigError, MemoryBudgetError
 from .lora import LoraLinear
+from .loss import ChunkedLossConfig, default_chunk_size
 from .model import prepare_model
 from .quantization import footprint, freeze_backbone, linear_shape, quantizable_linears
 from .state import TASK_AUTO_CLASSES
@@ -467,6 +477,15 @@ class MemorySettings:
     gradient_accumulation_steps: int = 1
     num_processes: int = 1  # ranks training together (DDP, or FSDP with fsdp=True)
     fsdp: bool = False  # prepare_model(fsdp=True): the frozen base sharded over num_processes
+    chunked_loss: bool = True
+    loss_chunk_size: int | None = None
+    offload_activations: bool = False
+    packed_tokens: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per batch (before virtual tokens): the packed row, or batch x sequence."""
+        return self.packed_tokens if self.packed_tokens is not None else self.batch_size * self.seq_len
 
     def describe(self) -> str:
         quant = _QUANT_NAMES[self.bits]
@@ -480,11 +499,16 @@ class MemorySettings:
         if self.bottleneck is not None:
             adapters.append(f"{self.bottleneck.placement} bottleneck")
         batch = f"batch {self.batch_size} x {self.seq_len} tokens"
+        if self.packed_tokens is not None:
+            batch = f"packed rows of {self.packed_tokens} tokens"
         if self.gradient_accumulation_steps > 1:
             batch += f" x {self.gradient_accumulation_steps} accumulation steps"
         checkpointing = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
+        if self.offload_activations:
+            checkpointing += " + offload"
+        loss = "chunked loss" if self.chunked_loss else "full-logits loss"
         dtype = str(self.dtype).removeprefix("torch.")
-        parts = [quant, *adapters, batch, checkpointing, self.optimizer, f"{dtype} on {self.device}"]
+        parts = [quant, *adapters, batch, checkpointing, loss, self.optimizer, f"{dtype} on {self.device}"]
         if self.num_processes > 1:
             parts.append(f"per rank of {self.num_processes} ({'FSDP, base sharded' if self.fsdp else 'DDP'})")
         return ", ".join(parts)
@@ -508,6 +532,7 @@ class MemoryEstimate:
     trainable_params: int
     #: FSDP: the units gathered at once (the largest one and the block prefetched with it), in full.
     fsdp_gather_bytes: int = 0
+    offloaded_bytes: int = 0  # block inputs held in host memory by activation offload (not in the total)
 
     @property
     def weights_bytes(self) -> int:
@@ -551,6 +576,8 @@ class MemoryEstimate:
         if self.settings.fsdp and self.settings.num_processes > 1:
             rows.append(("FSDP all-gathered units (largest + prefetched block)", self.fsdp_gather_bytes))
         rows.append(("total" if self.settings.num_processes == 1 else "total per rank", self.total_bytes))
+        if self.offloaded_bytes:
+            rows.append(("offloaded to host memory (not in the total)", self.offloaded_bytes))
         return rows
 
     def __str__(self) -> str:
@@ -581,6 +608,9 @@ class MemoryPlan:
             compute_dtype=s.dtype,
             keep_full_precision=s.keep_full_precision,
             task_type=s.task_type,
+            chunked_loss=s.chunked_loss,
+            loss_chunk_size=s.loss_chunk_size,
+            offload_activations=s.offload_activations,
         )
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
@@ -620,6 +650,10 @@ def estimate_memory(
     keep_full_precision: Iterable[str] = (),
     num_processes: int = 1,
     fsdp: bool = False,
+    chunked_loss: bool = True,
+    loss_chunk_size: int | None = None,
+    offload_activations: bool = False,
+    packed_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one training step of ``prepare_model(model, bits=..., lora=..., ...)``.
 
@@ -627,7 +661,10 @@ def estimate_memory(
     only ``config.json`` is read. ``dtype`` is the compute dtype (default: bfloat16 on CUDA,
     which assumes an Ampere or newer GPU, float32 on CPU). ``optimizer`` is a
     ``TrainingArguments.optim`` name from :data:`OPTIMIZER_STATE_BITS`. With no adapter config,
-    LoRA with :class:`LoraConfig` defaults is assumed, as in ``prepare_model``.
+    LoRA with :class:`LoraConfig` defaults is assumed, as in ``prepare_model``. ``chunked_loss``,
+    ``loss_chunk_size`` and ``offload_activations`` are ``prepare_model``'s; ``packed_tokens``: the
+    length of one padding-free packed row (the sum of its examples' lengths), which then replaces
+    ``batch_size x seq_len``.
 
     ``num_processes`` ranks with ``fsdp=True`` (``prepare_model(fsdp=True)``) give the figure per
     rank: packed weights and unquantized frozen tensors divided among the ranks; quantization
@@ -643,6 +680,8 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, dtype=dtype, device=device,
         task_type=task_type, quant_type=quant_type, double_quant=double_quant, keep_full_precision=keep_full_precision,
         num_processes=num_processes, fsdp=fsdp,
+        chunked_loss=chunked_loss, loss_chunk_size=loss_chunk_size, offload_activations=offload_activations,
+        packed_tokens=packed_tokens,
     )  # fmt: skip
     return _Estimator(model_name_or_config).estimate(settings)
 
@@ -666,6 +705,10 @@ def _settings(
     gradient_accumulation_steps: int = 1,
     num_processes: int = 1,
     fsdp: bool = False,
+    chunked_loss: bool = True,
+    loss_chunk_size: int | None = None,
+    offload_activations: bool = False,
+    packed_tokens: int | None = None,
 ) -> MemorySettings:
     """Validated settings; every bad value fails here, before any model is built."""
     quant = QuantizationConfig(
@@ -685,6 +728,13 @@ def _settings(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{what} must be a positive integer; got {value!r}.")
+    loss = ChunkedLossConfig(enabled=chunked_loss, chunk_size=loss_chunk_size)
+    if not isinstance(offload_activations, bool):
+        raise ConfigError(f"offload_activations must be True or False; got {offload_activations!r}.")
+    if offload_activations and not gradient_checkpointing:
+        raise ConfigError("offload_activations needs gradient_checkpointing=True, as in prepare_model.")
+    if packed_tokens is not None and (isinstance(packed_tokens, bool) or not isinstance(packed_tokens, int) or packed_tokens <= 0):
+        raise ConfigError(f"packed_tokens must be a positive integer (or None); got {packed_tokens!r}.")
     if optimizer not in OPTIMIZER_STATE_BITS:
         raise ConfigError(
             f"optimizer must be one of {sorted(OPTIMIZER_STATE_BITS)} (TrainingArguments.optim names); "
@@ -708,6 +758,8 @@ def _settings(
         task_type=task_type, quant_type=quant.quant_type, double_quant=quant.double_quant,
         keep_full_precision=quant.keep_full_precision, gradient_accumulation_steps=gradient_accumulation_steps,
         num_processes=num_processes, fsdp=bool(fsdp),
+        chunked_loss=loss.enabled, loss_chunk_size=loss.chunk_size, offload_activations=offload_activations,
+        packed_tokens=packed_tokens,
     )  # fmt: skip
 
 
@@ -729,7 +781,7 @@ class _Estimator:
 
     def estimate(self, s: MemorySettings) -> MemoryEstimate:
         inv = self.inventory(s)
-        tokens = s.seq_len + inv.virtual_tokens
+        tokens = (s.packed_tokens or s.seq_len) + inv.virtual_tokens
         if inv.max_positions is not None and tokens > inv.max_positions:
             prompt = f" plus {inv.virtual_tokens} virtual tokens" if inv.virtual_tokens else ""
             raise ConfigError(
@@ -737,7 +789,7 @@ class _Estimator:
                 f"use seq_len <= {inv.max_positions - inv.virtual_tokens}."
             )
         quantized = inv.quantizable if s.bits is not None else ()
-        activations, logits = _activations(inv, s)
+        activations, logits, offloaded = _activations(inv, s)
         workspace = max((i * o for i, o in quantized), default=0) * s.dtype.itemsize
         estimate = MemoryEstimate(
             model=self.name,
@@ -753,6 +805,7 @@ class _Estimator:
             overhead_bytes=workspace + (CUDA_CONTEXT_BYTES if s.device == "cuda" else 0),
             quantized_params=sum(i * o for i, o in quantized),
             trainable_params=sum(n for n, _ in inv.trainable),
+            offloaded_bytes=offloaded,
         )
         return _sharded(estimate, inv, s, quantized, self.config) if s.fsdp and s.num_processes > 1 else estimate
 
@@ -820,12 +873,13 @@ def _optimizer_bytes(trainable: Iterable[tuple[int, int]], optimizer: str) -> in
     return total + (2 * 256 * 4 if quantized else 0)
 
 
-def _activations(inv: _Inventory, s: MemorySettings) -> tuple[int, int]:
-    """``(peak, loss share)`` of the formula in the module docstring."""
-    b, seq = s.batch_size, s.seq_len + inv.virtual_tokens
+def _activations(inv: _Inventory, s: MemorySettings) -> tuple[int, int, int]:
+    """``(peak, loss share, offloaded to the host)`` of the formula in the module docstring."""
+    b, seq = (1, s.packed_tokens) if s.packed_tokens is not None else (s.batch_size, s.seq_len)
+    seq += inv.virtual_tokens
     t, h, heads = b * seq, inv.hidden_size, inv.heads
     matmul = s.dtype.itemsize
-    stream = 4 if s.bits is not None or matmul == 4 else matmul
+    stream = matmul  # upcast norms hand their input dtype on, so the residual stream stays in it
     mask = 1 if s.device == "cuda" else stream  # dropout keeps a bool mask on CUDA, a float one on CPU
     # Eager attention keeps the probabilities; so does SDPA on CPU when it must apply dropout.
     probabilities = inv.eager_attention or (inv.attention_dropout and s.device == "cpu")
@@ -849,14 +903,54 @@ def _activations(inv: _Inventory, s: MemorySettings) -> tuple[int, int]:
         total += sum(4 * t * (h + 2 * width) for width in block.bottleneck_widths)
         saved.append(total)
         transient.append(stream * t * (h + 2 * block.mlp_width))
-    outside = inv.final_norms * 4 * t * h + 4 * t * inv.vocab
-    loss_transient = 8 * t * inv.vocab
+    if s.chunked_loss and inv.vocab:
+        chunk = min(t, s.loss_chunk_size or default_chunk_size(inv.vocab))
+        logits = 12 * chunk * inv.vocab  # a half-precision chunk is upcast (and freed) before log_softmax
+        outside = inv.final_norms * 4 * t * h + stream * t * h  # the hidden states' gradient
+        loss_transient = logits + 2 * stream * t * h  # the labelled rows' copy, then the backward's
+    else:
+        logits = 12 * t * inv.vocab
+        outside = inv.final_norms * 4 * t * h + 4 * t * inv.vocab
+        loss_transient = 8 * t * inv.vocab
+    offloaded = 0
     if s.gradient_checkpointing:
+        inputs = len(inv.blocks) * stream * t * h
         recompute = max(a + g for a, g in zip(saved, transient))
-        peak = len(inv.blocks) * stream * t * h + max(outside + loss_transient, recompute)
+        if s.offload_activations and s.device == "cuda":
+            offloaded, inputs, recompute = inputs, 0, recompute + stream * t * h  # one input back at a time
+        peak = inputs + max(outside + loss_transient, recompute)
     else:
         peak = sum(saved) + outside + max(loss_transient, max(transient))
-    return peak, 12 * t * inv.vocab
+    return peak, logits, offloaded
+
+
+def longest_context(model_name_or_config: Any, budget: int | str, **settings: Any) -> MemoryEstimate | None:
+    """The estimate at the longest ``seq_len`` whose training step fits ``budget`` (``None``: not
+    even one token fits), searched by bisection up to the model's ``max_position_embeddings``
+    (2**20 tokens when it has none). ``settings``: :func:`estimate_memory`'s keywords but
+    ``seq_len``; with ``packed_tokens`` given it is the packed row's length that is searched."""
+    budget_bytes = parse_budget(budget)
+    estimator = _Estimator(model_name_or_config)
+    packed = settings.get("packed_tokens") is not None
+    base = _settings(**{k: v for k, v in settings.items() if k not in ("seq_len", "packed_tokens")})
+    inv = estimator.inventory(base)
+    high = (inv.max_positions - inv.virtual_tokens) if inv.max_positions is not None else 2**20
+
+    def at(tokens: int) -> MemoryEstimate:
+        changed = dict(packed_tokens=tokens) if packed else dict(seq_len=tokens)
+        return estimator.estimate(dataclasses.replace(base, **changed))
+
+    best, low = None, 1
+    if at(high).total_bytes <= budget_bytes:
+        return at(high)
+    while low <= high:
+        mid = (low + high) // 2
+        estimate = at(mid)
+        if estimate.total_bytes <= budget_bytes:
+            best, low = estimate, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 # -- the planner ---------------------------------------------------------------------------------

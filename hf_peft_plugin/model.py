@@ -19,6 +19,7 @@ from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeEr
 from .fsdp import FSDP_QUANT_STORAGE, shard_model
 from .lora import LoraLinear
 from .loss import ChunkedLossConfig, configure_chunked_loss
+from .offload import OFFLOAD_ATTRIBUTE, OffloadStats
 from .names import validate_adapter_name
 from .packing import guard_packed_batches
 from .quantization import (
@@ -51,6 +52,7 @@ def prepare_model(
     fsdp: bool = False,
     chunked_loss: bool = True,
     loss_chunk_size: int | None = None,
+    offload_activations: bool = False,
     adapter_name: str = "default",
     task_type: str | None = None,
     **from_pretrained_kwargs: Any,
@@ -87,6 +89,13 @@ def prepare_model(
         keep_full_precision=keep_full_precision,
     )
     loss_config = ChunkedLossConfig(enabled=chunked_loss, chunk_size=loss_chunk_size)
+    if not isinstance(offload_activations, bool):
+        raise ConfigError(f"offload_activations must be True or False; got {offload_activations!r}.")
+    if offload_activations and not gradient_checkpointing:
+        raise ConfigError(
+            "offload_activations keeps the inputs gradient checkpointing saves in host memory; pass "
+            "gradient_checkpointing=True with it."
+        )
     validate_adapter_name(adapter_name)
     if task_type is not None and task_type not in TASK_AUTO_CLASSES:
         raise ConfigError(f"task_type must be one of {sorted(TASK_AUTO_CLASSES)}; got {task_type!r}.")
@@ -142,6 +151,8 @@ def prepare_model(
     guard_packed_batches(model)  # padding-free batches: no cache, and a clear error where unsupported
     configure_chunked_loss(model, loss_config)
     set_active_adapters(model, [adapter_name])
+    if offload_activations:  # applied by the model's activation_checkpointing_enable (offload.py)
+        setattr(model, OFFLOAD_ATTRIBUTE, OffloadStats())
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if fsdp:

@@ -147,17 +147,30 @@ def test_activations_match_peak_rss_of_a_training_step():
         # GPT-2: dropout everywhere, and an activation function that keeps four tensors.
         dict(name="gpt2", config=SMALL_GPT2, batch_size=4, seq_len=256, bits=4, r=8, gradient_checkpointing=False),
     ]
+    # The loss: chunked (the default) against transformers' full logits, and a packed row.
+    big_vocab = dict(SMALL_LLAMA, vocab_size=8192)
+    loss = dict(config=big_vocab, batch_size=2, seq_len=256, bits=4, r=8, gradient_checkpointing=True)
+    cases += [
+        dict(name="chunked", loss_chunk_size=128, **loss),
+        dict(name="full logits", chunked_loss=False, **loss),
+        dict(name="packed", loss_chunk_size=128, packed=True, **loss),
+    ]
     measured = script.measure_step_peaks(cases)
     for case, peak in zip(cases, measured):
         activations, workspace = script.estimated_activations(case)
         assert activations + workspace == pytest.approx(peak, rel=0.25), case["name"]
     assert measured[1] < measured[0]
+    assert measured[4] < 0.6 * measured[5]  # the chunked loss's peak is well under the full logits'
 
 
 def test_logits_term_and_checkpointing():
     base = dict(lora=LoraConfig(r=16), batch_size=2, seq_len=1024)
     est = estimate_memory(LLAMA_8B, **base)
-    assert est.logits_bytes == 12 * 2 * 1024 * 128256  # log-probs + their gradient + the logits' gradient, fp32
+    assert est.logits_bytes == 12 * 256 * 128256  # one chunk of the default 256 tokens (chunked loss)
+    full = estimate_memory(LLAMA_8B, chunked_loss=False, **base)
+    assert full.logits_bytes == 12 * 2 * 1024 * 128256  # log-probs + their gradient + the logits' gradient, fp32
+    assert full.activation_bytes - est.activation_bytes > 4 * 2 * 1024 * 128256
+    assert estimate_memory(LLAMA_8B, loss_chunk_size=64, **base).logits_bytes == 12 * 64 * 128256
     no_ckpt = estimate_memory(LLAMA_8B, gradient_checkpointing=False, **base)
     assert no_ckpt.activation_bytes > 5 * est.activation_bytes
     double = estimate_memory(LLAMA_8B, **{**base, "batch_size": 4})
@@ -449,3 +462,53 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert "Cannot read the memory budget" in capsys.readouterr().err
     assert main(["estimate", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- chunked loss, packing, offload ----------------------------------------------------------------
+
+
+def test_packed_tokens_replace_batch_times_length():
+    padded = estimate_memory(LLAMA_8B, batch_size=4, seq_len=512)
+    packed = estimate_memory(LLAMA_8B, batch_size=4, seq_len=512, packed_tokens=4 * 512)
+    assert packed.activation_bytes == pytest.approx(padded.activation_bytes, rel=0.01)
+    shorter = estimate_memory(LLAMA_8B, batch_size=4, seq_len=512, packed_tokens=1200)  # real lengths, no pads
+    assert shorter.activation_bytes < 0.7 * padded.activation_bytes
+    assert "packed rows of 1200 tokens" in str(shorter)
+
+
+def test_offload_moves_the_block_inputs_to_the_host_on_cuda_only():
+    base = dict(batch_size=1, seq_len=8192)
+    kept = estimate_memory(LLAMA_8B, **base)
+    offloaded = estimate_memory(LLAMA_8B, offload_activations=True, **base)
+    inputs = 32 * 2 * 8192 * 4096  # 32 blocks x bf16 hidden states
+    assert offloaded.offloaded_bytes == inputs and kept.offloaded_bytes == 0
+    assert kept.activation_bytes - offloaded.activation_bytes == inputs - 2 * 8192 * 4096  # one comes back
+    assert "offloaded to host memory" in str(offloaded) and "+ offload" in str(offloaded)
+    on_cpu = estimate_memory(LLAMA_8B, offload_activations=True, device="cpu", **base)
+    assert on_cpu.offloaded_bytes == 0
+    assert on_cpu.activation_bytes == estimate_memory(LLAMA_8B, device="cpu", **base).activation_bytes
+    with pytest.raises(ConfigError, match="gradient_checkpointing=True"):
+        estimate_memory(LLAMA_8B, offload_activations=True, gradient_checkpointing=False)
+    with pytest.raises(ConfigError, match="loss_chunk_size"):
+        estimate_memory(LLAMA_8B, loss_chunk_size=0)
+    with pytest.raises(ConfigError, match="packed_tokens"):
+        estimate_memory(LLAMA_8B, packed_tokens=-1)
+
+
+def test_longest_context_in_a_budget(tmp_path, capsys):
+    from hf_peft_plugin.memory import longest_context
+
+    config = dict(LLAMA_8B, max_position_embeddings=1 << 17)
+    best = longest_context(config, "16GiB", lora=LoraConfig(r=16))
+    assert best.total_bytes <= 16 * 2**30
+    over = estimate_memory(config, lora=LoraConfig(r=16), seq_len=best.settings.seq_len + 1)
+    assert over.total_bytes > 16 * 2**30  # the longest: one more token does not fit
+    full = longest_context(config, "16GiB", lora=LoraConfig(r=16), chunked_loss=False)
+    assert best.settings.seq_len > 2 * full.settings.seq_len
+    assert longest_context(config, "1GiB") is None  # the weights alone do not fit
+    tiny_llama().config.save_pretrained(tmp_path)  # 128 positions: the limit is the model's
+    assert main(["estimate", str(tmp_path), "--seq-len", "64", "--device", "cpu", "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "Longest context that fits in 1.00 GiB: 128 tokens per row" in out and "max_position_embeddings" in out
+    assert main(["estimate", str(tmp_path), "--seq-len", "64", "--device", "cpu", "--no-chunked-loss"]) == 0
+    assert "full-logits loss" in capsys.readouterr().out

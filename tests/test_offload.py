@@ -20,9 +20,9 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _prepared(offload: bool):
+def _prepared(offload: bool, bits: int | None = 4):
     model = prepare_model(
-        tiny_llama(), bits=4, lora=LoraConfig(r=4, alpha=8), gradient_checkpointing=True, offload_activations=offload
+        tiny_llama(), bits=bits, lora=LoraConfig(r=4, alpha=8), gradient_checkpointing=True, offload_activations=offload
     )
     return perturb_trainable(model)
 
@@ -44,11 +44,11 @@ def test_gradients_bit_identical_to_checkpointing_without_offload(caplog):
 
 
 def test_trainer_reenabling_checkpointing_keeps_offload(tmp_path):
-    model = _prepared(True)
+    model = _prepared(True, bits=None)
     stats = getattr(model, OFFLOAD_ATTRIBUTE)
     train_copy_task(model, tmp_path, steps=3, activation_checkpointing=True)
     assert stats.packed > 0  # the Trainer's activation_checkpointing_enable() left the offload in place
-    plain = _prepared(False)
+    plain = _prepared(False, bits=None)
     plain.activation_checkpointing_enable(offload=True)  # transformers' switch works on a CPU-only torch too
     assert getattr(plain, OFFLOAD_ATTRIBUTE).packed == 0
     _grads(plain)

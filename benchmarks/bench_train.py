@@ -8,6 +8,7 @@ backbones, each with and without gradient checkpointing, and prints a markdown t
     python benchmarks/bench_train.py --quick    # smoke run, tiny settings
     python benchmarks/bench_train.py --gpu      # 1.24B-param random-init Llama, bf16 compute, + tokens/s
     python benchmarks/bench_train.py --bits 4 --floor --dtype bfloat16   # subsets, the floor, bf16 on CPU
+    python benchmarks/bench_train.py --long-context   # long-context + max-context rows (long_context.py)
 
 ``--floor`` adds a third worker: the same model with LoRA on one layer only, whose step is what
 the frozen base costs forward and backward, the floor under any LoRA on all linear layers.
@@ -525,6 +526,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--long-context" in argv:  # the long-context and max-context rows live in long_context.py
+        import long_context
+
+        return long_context.main([a for a in argv if a != "--long-context"])
     args = parse_args(argv)
     if args.worker:
         worker(args)

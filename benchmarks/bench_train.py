@@ -276,6 +276,179 @@ def worker(args: argparse.Namespace) -> None:
     _send(result)
 
 
+# -- the real job: the quick start through the stock Trainer (and TRL) ---------------------------
+
+REAL_JOB_VARIANTS = ("hf_peft_plugin", "peft", "trl")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "finetune_causal_lm.py"
+
+
+def _quick_start_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_causal_lm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Lockstep:
+    """A TrainerCallback (built lazily: transformers' Trainer modules import peft) that waits for the
+    driver before each step and reports the step's wall time and real tokens after it."""
+
+    def __new__(cls, counter):
+        from transformers import TrainerCallback
+
+        class Lockstep(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if sys.stdin.readline() != "step\n":
+                    sys.exit(0)
+                counter.tokens = 0
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _send({"wall_s": time.perf_counter() - self.start, "tokens": counter.tokens})
+
+        return Lockstep()
+
+
+class _TokenCounter:
+    """Real (non-pad) tokens of the training forwards: the mask's sum, or every token without a mask."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.tokens = 0
+        model.register_forward_pre_hook(self, with_kwargs=True, prepend=True)
+
+    def __call__(self, model, args, kwargs) -> None:
+        if model.training:
+            mask = kwargs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else kwargs["input_ids"].numel()
+
+
+def real_job_worker(args: argparse.Namespace) -> None:
+    """The quick start's data, model and settings (SmolLM2-135M-Instruct 4-bit, LoRA r=16 alpha=32
+    dropout 0.05 all-linear, batch 8, lr 2e-3 cosine): hf_peft_plugin with padding-free batches and
+    its chunked loss, peft with the quick start's padded collator, or TRL's SFTTrainer + peft."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
+
+    from hf_peft_plugin.assets import smollm2_path
+
+    qs = _quick_start_module()
+    path = str(smollm2_path())
+    torch.manual_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows, test_rows = qs.load_records(str(qs.DATA))
+    import random
+
+    random.seed(SEED)
+    random.shuffle(train_rows)
+    train = qs.GlossDataset(train_rows[:1200], tokenizer, 64)
+    held_out = qs.GlossDataset(test_rows[:64], tokenizer, 64)
+    steps = args.warmup + args.steps
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_real_job."), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+        max_steps=steps, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, remove_unused_columns=False,
+    )  # fmt: skip
+    if args.variant == "hf_peft_plugin":
+        from hf_peft_plugin import AdapterCallback, LoraConfig, padding_free_collator, prepare_model
+
+        model = prepare_model(path, bits=4, lora=LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear"))
+        counter = _TokenCounter(model)
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**common), train_dataset=train, eval_dataset=held_out,
+            data_collator=padding_free_collator(model), callbacks=[AdapterCallback(), _Lockstep(counter)],
+        )  # fmt: skip
+    else:
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        )
+        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        if args.variant == "peft":
+            base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            model = peft.get_peft_model(base, lora)
+            counter = _TokenCounter(model)
+            trainer = Trainer(
+                model=model, args=TrainingArguments(**common), train_dataset=train, eval_dataset=held_out,
+                data_collator=qs.pad_collator(tokenizer.pad_token_id), callbacks=[_Lockstep(counter)],
+            )  # fmt: skip
+        else:
+            import datasets
+            from trl import SFTConfig, SFTTrainer
+
+            def as_dataset(ds):
+                return datasets.Dataset.from_list(
+                    [{"input_ids": r["input_ids"], "completion_mask": [int(l != -100) for l in r["labels"]]} for r in ds.items]
+                )
+
+            config = SFTConfig(**common, max_length=64, completion_only_loss=True, gradient_checkpointing=False, bf16=False)
+            trainer = SFTTrainer(
+                model=base, args=config, train_dataset=as_dataset(train), eval_dataset=as_dataset(held_out),
+                processing_class=tokenizer, peft_config=lora,
+            )  # fmt: skip
+            counter = _TokenCounter(trainer.model)
+            trainer.add_callback(_Lockstep(counter))
+    _send({"trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)})
+    trainer.train()
+    if sys.stdin.readline() != "finish\n":
+        return
+    _send({"eval_loss": trainer.evaluate()["eval_loss"], "train_peak_bytes": _peak_rss()})
+
+
+def run_real_job(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """All variants load in parallel, then take their steps in turn (rotating order), then evaluate."""
+    workers = {}
+    for v in args.variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--real-job", "--variant", v,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+        workers[v] = Worker(args, v, None, {}, cmd=cmd)
+    results: dict[str, dict[str, Any]] = {v: {"steps": []} for v in args.variants}
+    try:
+        for v in args.variants:
+            results[v].update(workers[v].request(None))
+        for i in range(args.warmup + args.steps):
+            order = args.variants[i % len(args.variants) :] + args.variants[: i % len(args.variants)]
+            for v in order:
+                results[v]["steps"].append(workers[v].request("step"))
+        for v in args.variants:
+            results[v].update(workers[v].request("finish"))
+    finally:
+        for w in workers.values():
+            w.close()
+    for r in results.values():
+        timed = r.pop("steps")[args.warmup :]
+        r["step_times"] = [s["wall_s"] for s in timed]
+        r["step_tokens"] = [s["tokens"] for s in timed]
+        r["tokens_per_s"] = sum(r["step_tokens"]) / sum(r["step_times"])
+        r["step_s"] = statistics.median(r["step_times"])
+    return results
+
+
+def format_real_job(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    ours = results.get("hf_peft_plugin", {})
+    lines = [
+        "| variant | batches | real tokens/s | vs peft | per-step ratio (median, peft time / ours) | step time, median | held-out loss | vs peft | trainable |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    peft_r = results.get("peft", {})
+    batches = {"hf_peft_plugin": "padding-free + chunked loss", "peft": "padded (quick start's collator)", "trl": "TRL's default (padded)"}
+    for v, r in results.items():
+        speed = r["tokens_per_s"] / peft_r["tokens_per_s"] if peft_r else float("nan")
+        paired = statistics.median(b / a for a, b in zip(r["step_times"], peft_r["step_times"])) if peft_r else float("nan")
+        loss = r["eval_loss"] / peft_r["eval_loss"] if peft_r else float("nan")
+        lines.append(
+            f"| {v} | {batches[v]} | {r['tokens_per_s']:,.0f} | {speed:.2f} | {paired:.2f} | {_ms(r['step_s'])} | "
+            f"{r['eval_loss']:.4f} | {loss:.3f} | {r['trainable_params']:,} |"
+        )
+    del ours
+    return "\n".join(lines)
+
+
 # -- the driver ----------------------------------------------------------------------------------
 
 
@@ -286,7 +459,15 @@ class WorkerFailed(RuntimeError):
 class Worker:
     """One variant in its own fresh process, driven line by line over stdin/stdout."""
 
-    def __init__(self, args: argparse.Namespace, variant: str, setting: Setting, env: dict[str, str]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, variant: str, setting: Setting | None, env: dict[str, str], cmd: list[str] | None = None
+    ) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file, not a pipe: a chatty worker cannot block
+        if cmd is not None:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env={**os.environ, **env}
+            )
+            return
         cmd = [
             sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--model", args.model,
             "--bits", str(setting.bits), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -296,8 +477,6 @@ class Worker:
             cmd.append("--gradient-checkpointing")
         if args.gpu:
             cmd.append("--gpu")
-        # A file, not a pipe, so a chatty worker cannot block; closed in close().
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env={**os.environ, **env}
         )
@@ -484,12 +663,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=sorted(DTYPES), help="compute dtype (default float32 on CPU, as the package does; bf16 with --gpu)"
     )
     p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument(
+        "--real-job", action="store_true",
+        help="the quick start's job through the Trainer: hf_peft_plugin (padding-free) vs peft (padded) vs TRL SFTTrainer + peft",
+    )  # fmt: skip
     # internal: one measurement in this (fresh) process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--floor", action="store_true", help="also time the floor: the same model with LoRA on one layer only"
     )
-    p.add_argument("--variant", choices=(*VARIANTS, FLOOR), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=(*VARIANTS, FLOOR, "trl"), help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick and args.gpu:
@@ -504,7 +687,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1, --warmup >= 0 and --seq-len >= 2")
     if args.worker:
-        args.bits = None if args.bits == "None" else int(args.bits)
+        if not args.real_job:
+            args.bits = None if args.bits == "None" else int(args.bits)
+        return args
+    if args.real_job:
+        args.variants = [v.strip() for v in args.variants.replace("hf_peft_plugin,peft", ",".join(REAL_JOB_VARIANTS)).split(",")]
         return args
     args.variants = [v.strip() for v in args.variants.split(",")]
     unknown = set(args.variants) - set(VARIANTS)
@@ -533,7 +720,21 @@ def main(argv: list[str] | None = None) -> None:
         return long_context.main([a for a in argv if a != "--long-context"])
     args = parse_args(argv)
     if args.worker:
-        worker(args)
+        real_job_worker(args) if args.real_job else worker(args)
+        return
+    if args.real_job:
+        print(f"CPU: {_cpu_line()}", file=sys.stderr)
+        load_before = os.getloadavg()[0]
+        results = run_real_job(args)
+        print(
+            f"Real job (examples/finetune_causal_lm.py's data and settings, stock Trainer), {args.warmup} warm-up + "
+            f"{args.steps} timed steps of 8 examples per variant, steps taken in turn; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; 1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end.\n"
+            f"CPU: {_cpu_line()}\n"
+        )
+        print(format_real_job(results, args))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
         return
     kind = "quick" if args.quick else "gpu" if args.gpu else "cpu"
     if args.model is None:
@@ -565,12 +766,25 @@ def main(argv: list[str] | None = None) -> None:
         status = ", ".join(f"{v} {'failed' if 'error' in r else _ms(r['step_s'])}" for v, r in results[setting].items())
         print(f"  {setting.label:18s} {time.perf_counter() - start:6.1f} s  {status}", file=sys.stderr)
     load_after = os.getloadavg()[0]
-    print(f"{header}; 1-min load average {load_before:.1f} at start, {load_after:.1f} at end.\n")
+    print(f"{header}; 1-min load average {load_before:.1f} at start, {load_after:.1f} at end.\nCPU: {_cpu_line()}\n")
     print(format_table(results, args))
     print(format_failures(results))
     if args.json:
         rows = [{"setting": asdict(s), "variant": v, **r} for s, by_v in results.items() for v, r in by_v.items()]
         Path(args.json).write_text(json.dumps({"header": header, "results": rows}, indent=1))
+
+
+def _cpu_line() -> str:
+    """The CPU model and the flags that decide kernel speed here (the whole ``lscpu`` flag list is
+    printed with ``--lscpu``)."""
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu unavailable"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, flags: {' '.join(wanted)}"
 
 
 def _parameter_count(model_dir: Path) -> int:

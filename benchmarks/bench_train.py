@@ -436,7 +436,10 @@ def format_real_job(results: dict[str, dict[str, Any]], args: argparse.Namespace
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     peft_r = results.get("peft", {})
-    batches = {"hf_peft_plugin": "padding-free + chunked loss", "peft": "padded (quick start's collator)", "trl": "TRL's default (padded)"}
+    import importlib.util
+
+    chunked = importlib.util.find_spec("hf_peft_plugin.loss") is not None
+    batches = {"hf_peft_plugin": "padding-free" + (" + chunked loss" if chunked else ""), "peft": "padded (quick start's collator)", "trl": "TRL's default (padded)"}
     for v, r in results.items():
         speed = r["tokens_per_s"] / peft_r["tokens_per_s"] if peft_r else float("nan")
         paired = statistics.median(b / a for a, b in zip(r["step_times"], peft_r["step_times"])) if peft_r else float("nan")

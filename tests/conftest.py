@@ -75,6 +75,11 @@ def _point_client_at(monkeypatch, endpoint: str, home: str) -> None:
     # Top-level helpers (huggingface_hub.create_repo, upload_folder, ...) are bound methods of this
     # module-level HfApi(), whose endpoint was frozen at import time.
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    # transformers keeps one shared HfApi (transformers.utils.hub.hf_api()), made on first use with
+    # the endpoint of that moment: a Trainer(push_to_hub=True) would then call an earlier test's server.
+    transformers_hub = _hub_sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
     LocalHub.patch_client_retries(monkeypatch)
 
 

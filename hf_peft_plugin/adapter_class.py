@@ -18,7 +18,6 @@ from torch import nn
 from .loss import chunked_forward, takes_labels
 from .offload import keeping_offload
 from .state import STATE_ATTRIBUTE, AdapterState, adapter_state, require_state
-from .targeting import adapter_layers
 
 
 class AdapterModelMixin:
@@ -76,14 +75,12 @@ class AdapterModelMixin:
         return list(require_state(self).active)
 
     def enable_adapters(self) -> None:
-        for _, layer in adapter_layers(self):
-            layer.adapters_disabled = False
+        require_state(self).disabled = False
 
     def disable_adapters(self) -> None:
         """Until :meth:`enable_adapters`, compute what the base model computes (transformers' API;
         ``with hf_peft_plugin.disable_adapters(model):`` is the scoped form)."""
-        for _, layer in adapter_layers(self):
-            layer.adapters_disabled = True
+        require_state(self).disabled = True
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # The swapped-in class is made at run time, so pickle cannot find it by name (it has the

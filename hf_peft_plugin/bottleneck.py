@@ -15,7 +15,7 @@ their outputs add up, like LoRA deltas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import BottleneckConfig
 from .errors import AdapterNameError, ConfigError, TargetModulesError
+from .state import AdapterState, ReadsAdapterState
 
 ADAPTER_DTYPE = torch.float32
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -37,7 +38,7 @@ FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
 MODULE_NAMES = {"attn": "bottleneck_attn", "ffn": "bottleneck_ffn"}
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(ReadsAdapterState, nn.Module):
     """Named bottleneck adapters at one point: ``down.<name>`` (hidden -> width), ``up.<name>``."""
 
     def __init__(self, hidden_size: int) -> None:
@@ -46,8 +47,6 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.ModuleDict()
         self.up = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
-        self.active_adapters: tuple[str, ...] = ()
-        self.adapters_disabled = False
 
     def add_adapter(self, name: str, width: int, non_linearity: str, device: torch.device) -> None:
         if name in self.down:
@@ -58,19 +57,17 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(up.bias)
         self.up[name] = up
         self.non_linearity[name] = non_linearity
+        self._state_changed()
 
     def adapter_names(self) -> list[str]:
         return list(self.down.keys())
-
-    def set_active_adapters(self, names: Iterable[str]) -> None:
-        self.active_adapters = tuple(n for n in names if n in self.down)
 
     def delete_adapter(self, name: str) -> None:
         for container in (self.down, self.up):
             if name in container:
                 del container[name]
         self.non_linearity.pop(name, None)
-        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        self._state_changed()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [*self.down[name].parameters(), *self.up[name].parameters()]
@@ -187,15 +184,23 @@ def bottleneck_width(model: nn.Module, config: BottleneckConfig) -> int:
 
 
 def inject_bottlenecks(
-    model: nn.Module, name: str, config: BottleneckConfig, points: list[InsertionPoint], width: int
+    model: nn.Module,
+    name: str,
+    config: BottleneckConfig,
+    points: list[InsertionPoint],
+    width: int,
+    state: AdapterState,
 ) -> None:
+    """Add adapter ``name`` at ``points``; a new adapter module's hook handle goes into ``state``."""
     hidden = model.config.get_text_config().hidden_size
     for point in points:
         block = model.get_submodule(point.block)
         module = getattr(block, MODULE_NAMES[point.placement], None)
         if module is None:
             module = BottleneckAdapter(hidden)
+            module.bind_state(state)
             block.add_module(MODULE_NAMES[point.placement], module)
-            model.get_submodule(point.sublayer).register_forward_hook(module._adapt_output)
+            handle = model.get_submodule(point.sublayer).register_forward_hook(module._adapt_output)
+            state.add_hooks(f"{point.block}.{MODULE_NAMES[point.placement]}", [handle])
         device = next(block.parameters()).device
         module.add_adapter(name, width, config.non_linearity, device)

@@ -9,22 +9,20 @@ mapping trivial.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
-
 from torch import nn
 
 from .errors import AdapterNameError
+from .state import ReadsAdapterState
 
 
-class TrainableCopy(nn.Module):
-    """Routes the forward to the active adapter's copy of ``original_module``."""
+class TrainableCopy(ReadsAdapterState, nn.Module):
+    """Routes the forward to the active adapter's copy of ``original_module`` (active and disabled
+    as the model's :class:`~hf_peft_plugin.state.AdapterState` says)."""
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: tuple[str, ...] = ()
-        self.adapters_disabled = False
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -33,12 +31,10 @@ class TrainableCopy(nn.Module):
         for p in trained.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = trained
+        self._state_changed()
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
-
-    def set_active_adapters(self, names: Iterable[str]) -> None:
-        self.active_adapters = tuple(n for n in names if n in self.modules_to_save)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[name].parameters())
@@ -46,7 +42,7 @@ class TrainableCopy(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
             del self.modules_to_save[name]
-        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        self._state_changed()
 
     def routed_module(self) -> nn.Module:
         """The module the forward runs: the first active adapter's copy (two active copies of one
@@ -62,7 +58,7 @@ class TrainableCopy(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if "adapters_disabled" not in self.__dict__:  # half-built (unpickling, deepcopy): no routing yet
+            if "_modules" not in self.__dict__:  # half-built (unpickling, deepcopy): nothing to route to
                 raise
             # Model code reads attributes of its head (``classifier.out_features``, ``.weight``):
             # those of the module that computes, i.e. the trained copy while it is active.

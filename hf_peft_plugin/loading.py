@@ -22,8 +22,8 @@ from .lora import LoraLinear
 from .names import validate_adapter_name
 from .peft_format import ARTIFACT_FILES, CONFIG_NAME, Artifact, read_artifact
 from .quantization import adopt_or_quantize, freeze_backbone, is_linear, is_quantized_linear, linear_shape
-from .state import TASK_HEADS, AdapterState, adapter_state, infer_task_type
-from .targeting import AdapterPlan, activate_adapters, adapter_layers, apply_adapter_plan, head_paths, plan_adapter_set
+from .state import NORM_HOOKS, TASK_HEADS, AdapterState, adapter_state, infer_task_type
+from .targeting import AdapterPlan, activate_adapters, apply_adapter_plan, head_paths, plan_adapter_set
 
 
 def load_adapter(
@@ -58,10 +58,9 @@ def load_adapter(
             "delete_adapter() it first. (prepare_model attaches a fresh LoRA named 'default': to put a saved "
             "adapter on a quantized base for inference, use load_pretrained(base_path, adapter_dir).)"
         )
-    merged = [p for p, m in model.named_modules() if isinstance(m, LoraLinear) and m.merged_adapters]
-    if merged:
+    if state is not None and state.merged:
         raise AdapterLoadError(
-            f"The model's adapters are merged (e.g. {merged[0]}); call unmerge_adapters(model) first."
+            f"The model's adapters {state.merged} are merged; call unmerge_adapters(model) first."
         )
     directory = _adapter_directory(path_or_repo, subfolder, revision, token)
     if directory.is_dir():
@@ -296,8 +295,16 @@ def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_traina
     fresh = state is None
     if fresh:
         model, quant, dtype = adopt_or_quantize(model, QuantizationConfig(bits=None))
-        freeze_backbone(model, quantized=quant.bits is not None)  # the same model prepare_model makes
-    spec = apply_adapter_plan(model, plan.adapters)
+        state = AdapterState(
+            task_type=plan.adapters.task_type,
+            base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+            quantization=quant if quant.bits is not None else None,
+            compute_dtype=dtype,
+        )
+        # The same model prepare_model makes.
+        state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))
+    spec = apply_adapter_plan(model, plan.adapters, state)
+    spec.trainable = is_trainable
     with torch.no_grad():
         for path, parts in plan.lora_weights.items():
             layer = model.get_submodule(path)
@@ -312,22 +319,9 @@ def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_traina
             for part in ("down", "up"):
                 part_tensors = {k.partition(".")[2]: v for k, v in tensors.items() if k.startswith(part + ".")}
                 getattr(module, part)[name].load_state_dict(part_tensors)
+    state.adapters[name] = spec
     if fresh:
-        state = AdapterState(
-            task_type=plan.adapters.task_type,
-            base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
-            quantization=quant if quant.bits is not None else None,
-            compute_dtype=dtype,
-            adapters={name: spec},
-        )
         make_adapter_aware(model, state)
-        activate_adapters(model, state, [name], trainable=is_trainable)
-    else:
-        state.adapters[name] = spec
-        activate_adapters(model, state, state.active)
+    activate_adapters(model, state, [name] if fresh else state.active)  # every adapter keeps its flag
     if not is_trainable:
-        for _, layer in adapter_layers(model):
-            if name in layer.adapter_names():
-                for p in layer.adapter_parameters(name):
-                    p.requires_grad_(False)
         model.eval()

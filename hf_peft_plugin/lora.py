@@ -32,14 +32,19 @@ from .quantization import (
     requantized_like,
     unpack_cpu_4bit,
 )
+from .state import ReadsAdapterState
 
 LORA_DTYPE = torch.float32  # trainable weights stay fp32 whatever the compute dtype
 #: Use :class:`_FrozenLinearWithLora` where it applies (a switch for benchmarks and tests).
 FUSED = True
 
 
-class LoraLinear(nn.Module):
-    """A frozen linear layer plus named low-rank adapters; see the module docstring."""
+class LoraLinear(ReadsAdapterState, nn.Module):
+    """A frozen linear layer plus named low-rank adapters; see the module docstring.
+
+    Which adapters are active, merged or disabled comes from the model's
+    :class:`~hf_peft_plugin.state.AdapterState` (:class:`~hf_peft_plugin.state.ReadsAdapterState`).
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -55,9 +60,6 @@ class LoraLinear(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self.active_adapters: tuple[str, ...] = ()
-        self.adapters_disabled = False
-        self.merged_adapters: list[str] = []
         # A quantized base cannot take a delta in place; merge() swaps in a requantized copy
         # and keeps the original here (outside the state dict) so unmerge() is exact.
         self._unmerged_base: nn.Module | None = None
@@ -95,6 +97,7 @@ class LoraLinear(nn.Module):
             # into B A, and the norm of the residual alone would rescale every row.
             norm = (self._dense_weight() + self.delta_weight(name)).norm(p=2, dim=1)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(LORA_DTYPE))
+        self._state_changed()
 
     def _init_adapter(self, name: str, init: str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -129,11 +132,6 @@ class LoraLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def set_active_adapters(self, names: Iterable[str]) -> None:
-        if self.merged_adapters:
-            raise MergeError("unmerge_adapters(model) before changing the active adapters of a merged layer")
-        self.active_adapters = tuple(n for n in names if n in self.lora_A)
-
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = [self.lora_A[name].weight, self.lora_B[name].weight]
         if name in self.lora_magnitude_vector:
@@ -148,11 +146,13 @@ class LoraLinear(nn.Module):
                 del container[name]
         self.scaling.pop(name, None)
         self.r.pop(name, None)
-        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        self._state_changed()
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.adapters_disabled or not self.active_adapters or self.merged_adapters:
+            if self.adapters_disabled and self.merged_adapters:  # disabled means the base, merged or not
+                return self._unmerged_forward(x, *args, **kwargs)
             return self.base_layer(x, *args, **kwargs)
         if FUSED and not args and not kwargs and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             weight = frozen_dense_weight(self.base_layer, x)
@@ -226,8 +226,9 @@ class LoraLinear(nn.Module):
         return weight
 
     def merge(self) -> None:
-        """Fold the active adapters into the base weight; the forward then skips them."""
-        if self.merged_adapters or not self.active_adapters:
+        """Fold the active adapters into the base weight, keeping the original for :meth:`unmerge`.
+        The caller (``merge_adapters``) records them as merged in the state; the forward then skips them."""
+        if self._holds_original() or not self.active_adapters:
             return
         merged = self.merged_dense_weight()
         if is_quantized_linear(self.base_layer):
@@ -238,11 +239,20 @@ class LoraLinear(nn.Module):
             # A buffer (not saved): .to() and .cuda() move it with the layer.
             self.register_buffer("_original_weight", self.base_layer.weight.detach().clone(), persistent=False)
             self._write_dense_weight(merged)
-        self.merged_adapters = list(self.active_adapters)
+
+    def _holds_original(self) -> bool:
+        return self._unmerged_base is not None or "_original_weight" in self._buffers
+
+    def _unmerged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """What the base computed before :meth:`merge` (the forward of a disabled, merged layer)."""
+        if self._unmerged_base is not None:
+            return self._unmerged_base(x, *args, **kwargs)
+        weight = self._original_weight
+        return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.base_layer.bias)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` exactly (the original weight was kept)."""
-        if not self.merged_adapters:
+        if not self._holds_original():
             return
         if self._unmerged_base is not None:
             release_quantized(self.base_layer)  # the requantized merge: freed now, not at the next gc
@@ -252,7 +262,6 @@ class LoraLinear(nn.Module):
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._original_weight)
             del self._original_weight
-        self.merged_adapters = []
 
     def to_plain_layer(self, dtype: torch.dtype, names: Sequence[str] | None = None) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D``) with the adapters folded in, for merge_and_unload.

@@ -12,8 +12,8 @@ from .fsdp import require_gathered
 from .heads import TrainableCopy
 from .lora import LoraLinear, plain_linear, release_quantized, was_conv1d
 from .quantization import dequantized_weight, is_quantized_linear, requantized_like
-from .state import STATE_ATTRIBUTE, require_state
-from .targeting import adapter_layers
+from .state import NORM_HOOKS, STATE_ATTRIBUTE, require_state
+from .targeting import adapter_layers, remove_empty_adapter_modules
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -22,19 +22,23 @@ def merge_adapters(model: nn.Module) -> None:
     Soft prompts and bottleneck adapters keep running as they are. On a quantized base each merged
     layer is requantized (lossy for inference); :func:`unmerge_adapters` restores the exact original.
     """
-    require_state(model)
+    state = require_state(model)
     require_gathered(model, "merge_adapters")
+    if state.merged:
+        return
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.merge()
+    state.merged = state.active
 
 
 def unmerge_adapters(model: nn.Module) -> None:
     """Undo :func:`merge_adapters` exactly, e.g. to train again or switch adapters."""
-    require_state(model)
+    state = require_state(model)
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.unmerge()
+    state.merged = []
 
 
 def merge_and_unload(
@@ -80,6 +84,7 @@ def merge_and_unload(
         for name in layer.adapter_names():
             if name not in state.active:
                 layer.delete_adapter(name)
+    state.merged = []
 
     def unload(module: nn.Module) -> nn.Module | None:
         # Each wrapper folds what its forward computes: the LoRA layer its active adapters, the
@@ -99,7 +104,8 @@ def merge_and_unload(
         return None
 
     _replace_children(model, unload)
-    _remove_adapter_modules(model)
+    remove_empty_adapter_modules(model, state)
+    state.remove_hooks(NORM_HOOKS)  # every parameter is cast to dtype below: no fp32 norm to bridge
     _cast_parameters(model, dtype)
     _untie_trained_output_embeddings(model)
     kept = {n: spec for n, spec in state.adapters.items() if n in unmergeable}
@@ -151,26 +157,6 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and not (quantized and name == "weight"):
                 param.data = param.data.to(dtype)
-
-
-def _remove_adapter_modules(model: nn.Module) -> None:
-    """Drop the now-empty soft-prompt and bottleneck modules, and the hooks that ran them."""
-    empty = [(p, m) for p, m in adapter_layers(model) if not m.adapter_names()]
-    owners = {id(m) for _, m in empty}
-    for path, _ in empty:
-        parent_path, _, child = path.rpartition(".")
-        delattr(model.get_submodule(parent_path) if parent_path else model, child)
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key, hook in list(hooks.items()):
-                if id(getattr(hook, "__self__", None)) in owners:
-                    del hooks[key]
-                    for flags in (
-                        "_forward_pre_hooks_with_kwargs",
-                        "_forward_hooks_with_kwargs",
-                        "_forward_hooks_always_called",
-                    ):
-                        getattr(module, flags, {}).pop(key, None)
 
 
 def _untie_trained_output_embeddings(model: nn.Module) -> None:

@@ -32,8 +32,23 @@ from .quantization import (
     is_quantized_linear,
     load_quantized_model,
 )
-from .state import TASK_AUTO_CLASSES, AdapterSpec, AdapterState, adapter_state, infer_task_type, require_state
-from .targeting import activate_adapters, adapter_layers, apply_adapter_plan, attach_adapter_set, plan_adapter_set
+from .state import (
+    NORM_HOOKS,
+    TASK_AUTO_CLASSES,
+    AdapterSpec,
+    AdapterState,
+    adapter_state,
+    infer_task_type,
+    require_state,
+)
+from .targeting import (
+    activate_adapters,
+    adapter_layers,
+    apply_adapter_plan,
+    attach_adapter_set,
+    plan_adapter_set,
+    remove_empty_adapter_modules,
+)
 
 
 def prepare_model(
@@ -138,15 +153,14 @@ def prepare_model(
             f"prepare_model takes a transformers model, a local path or a Hub id; got {type(model_or_path).__name__}."
         )
 
-    freeze_backbone(model, quantized=quant.bits is not None)
-    spec = apply_adapter_plan(model, plan)
     state = AdapterState(
         task_type=task,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         quantization=quant if quant.bits is not None else None,
         compute_dtype=dtype,
-        adapters={adapter_name: spec},
     )
+    state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))
+    state.adapters[adapter_name] = apply_adapter_plan(model, plan, state)
     make_adapter_aware(model, state)
     guard_packed_batches(model)  # padding-free batches: no cache, and a clear error where unsupported
     configure_chunked_loss(model, loss_config)
@@ -232,18 +246,17 @@ def add_adapter(
     validate_adapter_name(name)
     if name in state.adapters:
         raise AdapterNameError(f"An adapter named {name!r} already exists; pick another name or delete_adapter() it.")
-    _refuse_when_merged(model, f"add adapter {name!r}")
+    _refuse_when_merged(state, f"add adapter {name!r}")
     state.adapters[name] = attach_adapter_set(
-        model, name, task_type=state.task_type, lora=lora, prompt=prompt, bottleneck=bottleneck
+        model, name, state, task_type=state.task_type, lora=lora, prompt=prompt, bottleneck=bottleneck
     )
-    set_active_adapters(model, state.active)
+    set_active_adapters(model, state.active)  # each adapter keeps its trainable flag
 
 
-def _refuse_when_merged(model: nn.Module, action: str) -> None:
-    merged = [path for path, layer in adapter_layers(model) if getattr(layer, "merged_adapters", None)]
-    if merged:
+def _refuse_when_merged(state: AdapterState, action: str) -> None:
+    if state.merged:
         raise MergeError(
-            f"Cannot {action}: the model's adapters are merged (e.g. at {merged[0]}). "
+            f"Cannot {action}: adapters {state.merged} are merged into the base weights. "
             "Call unmerge_adapters(model) first."
         )
 
@@ -252,33 +265,41 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(require_state(model).active)
 
 
-def set_active_adapters(model: nn.Module, names: str | Sequence[str], *, trainable: bool = True) -> None:
-    """Activate ``names`` (their outputs add up); only active adapters get ``requires_grad``."""
+def set_active_adapters(model: nn.Module, names: str | Sequence[str], *, trainable: bool | None = None) -> None:
+    """Activate ``names`` (their outputs add up); only active, trainable adapters get ``requires_grad``.
+
+    ``trainable=None`` keeps each adapter's flag (adapters start trainable; ``load_adapter(...,
+    is_trainable=False)`` starts them frozen); ``True``/``False`` sets it for ``names``.
+    """
     activate_adapters(model, require_state(model), names, trainable=trainable)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` everywhere; a soft prompt or bottleneck module left without
+    adapters goes too, with its hooks."""
     state = require_state(model)
     if name not in state.adapters:
         raise AdapterNameError(f"Unknown adapter {name!r}; this model has {list(state.adapters)}.")
+    if name in state.merged:
+        raise MergeError(f"Adapter {name!r} is merged into the base weights; call unmerge_adapters(model) first.")
     for _, layer in adapter_layers(model):
         layer.delete_adapter(name)
     del state.adapters[name]
     state.active = [n for n in state.active if n != name]
+    remove_empty_adapter_modules(model, state)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within this block the model computes exactly what the (quantized) base model computes."""
-    layers = [layer for _, layer in adapter_layers(model)]
-    previous = [layer.adapters_disabled for layer in layers]
-    for layer in layers:
-        layer.adapters_disabled = True
+    """Within this block the model computes exactly what the (quantized) base model computes,
+    merged adapters included."""
+    state = require_state(model)
+    previous = state.disabled
+    state.disabled = True
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
-            layer.adapters_disabled = was
+        state.disabled = previous
 
 
 # -- combining LoRA sets -------------------------------------------------------------------------
@@ -305,6 +326,7 @@ def combine_lora(
     validate_adapter_name(name)
     if name in state.adapters:
         raise AdapterNameError(f"An adapter named {name!r} already exists; pick another name or delete_adapter() it.")
+    _refuse_when_merged(state, "combine_lora")
     if method not in ("cat", "linear"):
         raise ConfigError(f"combine_lora method must be 'cat' or 'linear'; got {method!r}.")
     if not weights:
@@ -332,8 +354,6 @@ def combine_lora(
         present = {s: w for s, w in weights.items() if isinstance(layer, LoraLinear) and s in layer.lora_A}
         if not present:  # not a LoRA layer, or none of the sources adapts it
             continue
-        if layer.merged_adapters:
-            raise MergeError(f"{path} has merged adapters {layer.merged_adapters}; unmerge them before combine_lora.")
         combined[path] = _combined_lora(layer, present, method, path)
 
     first = state.adapters[next(iter(weights))].lora

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import PromptTuningConfig
 from .errors import AdapterNameError, ConfigError
 from .packing import first_of_each_example, is_packed, packed_prompt_layout, sequence_starts, splice_prompt, spread
+from .state import AdapterState, ReadsAdapterState
 
 PROMPT_MODULE = "prompt_encoder"
 #: Tasks whose inputs the soft prompt can be prepended to (token-level labels are padded).
@@ -46,7 +47,7 @@ PROMPT_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 _CACHE_TAG = "_hf_peft_plugin_virtual_tokens"
 
 
-class SoftPrompt(nn.Module):
+class SoftPrompt(ReadsAdapterState, nn.Module):
     """Named soft prompts (``embeddings[name]``: ``(num_virtual_tokens, hidden_size)`` float32).
 
     Registered on the model as ``model.prompt_encoder``; at most one prompt is active at a time.
@@ -55,8 +56,6 @@ class SoftPrompt(nn.Module):
     def __init__(self, task_type: str, placeholder_id: int, max_positions: int | None) -> None:
         super().__init__()
         self.embeddings = nn.ParameterDict()
-        self.active_adapters: tuple[str, ...] = ()
-        self.adapters_disabled = False
         self.task_type = task_type
         self.placeholder_id = placeholder_id
         self.max_positions = max_positions
@@ -72,17 +71,15 @@ class SoftPrompt(nn.Module):
         if name in self.embeddings:
             raise AdapterNameError(f"soft prompt {name!r} already exists")
         self.embeddings[name] = nn.Parameter(weight.detach().to(torch.float32).clone())
+        self._state_changed()
 
     def adapter_names(self) -> list[str]:
         return list(self.embeddings.keys())
 
-    def set_active_adapters(self, names: Iterable[str]) -> None:
-        self.active_adapters = tuple(n for n in names if n in self.embeddings)
-
     def delete_adapter(self, name: str) -> None:
         if name in self.embeddings:
             del self.embeddings[name]
-        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        self._state_changed()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [self.embeddings[name]]
@@ -322,14 +319,19 @@ def soft_prompt_of(model: nn.Module) -> SoftPrompt | None:
     return module
 
 
-def ensure_soft_prompt(model: nn.Module, task_type: str) -> SoftPrompt:
-    """``model.prompt_encoder``, created and hooked into the model's forward on first use."""
+def ensure_soft_prompt(model: nn.Module, task_type: str, state: AdapterState) -> SoftPrompt:
+    """``model.prompt_encoder``, created and hooked into the model's forward on first use (the hooks'
+    handles go into ``state``, which removes them with the module)."""
     module = soft_prompt_of(model)
     if module is None:
         text_config = model.config.get_text_config()
         placeholder = 1 if text_config.pad_token_id == 0 else 0  # anything but the padding id
         module = SoftPrompt(task_type, placeholder, getattr(text_config, "max_position_embeddings", None))
+        module.bind_state(state)
         model.add_module(PROMPT_MODULE, module)
-        model.register_forward_pre_hook(module._before_forward, with_kwargs=True)
-        model.register_forward_hook(module._after_forward, with_kwargs=True, always_call=True)
+        handles = [
+            model.register_forward_pre_hook(module._before_forward, with_kwargs=True),
+            model.register_forward_hook(module._after_forward, with_kwargs=True, always_call=True),
+        ]
+        state.add_hooks(PROMPT_MODULE, handles)
     return module

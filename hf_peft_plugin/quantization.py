@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from .config import QuantizationConfig
@@ -393,16 +394,18 @@ def _existing_compute_dtype(model: nn.Module, device: torch.device) -> torch.dty
     return default_compute_dtype(device)
 
 
-def freeze_backbone(model: nn.Module, quantized: bool) -> None:
+def freeze_backbone(model: nn.Module, quantized: bool) -> list[RemovableHandle]:
     """Freeze every base parameter; on a quantized model upcast only the norms to fp32 (QLoRA).
+    Returns the handles of the norms' dtype hooks (kept in the adapter state, removed on unload).
 
     Embeddings and the output head keep their dtype: upcasting them, as peft's
     ``prepare_model_for_kbit_training`` does, can cost more memory than the quantization saved.
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    handles: list[RemovableHandle] = []
     if not quantized:
-        return
+        return handles
     for module in model.modules():
         if is_quantized_linear(module) and hasattr(module.weight, "quant_state"):
             unpack_cpu_4bit(module)
@@ -415,7 +418,8 @@ def freeze_backbone(model: nn.Module, quantized: bool) -> None:
         if half:
             # The norm computes in fp32 but hands its neighbours their own dtype, so a bf16 model
             # still runs outside autocast (an fp32 norm output would meet a bf16 lm_head).
-            module.register_forward_hook(_output_in_input_dtype)
+            handles.append(module.register_forward_hook(_output_in_input_dtype))
+    return handles
 
 
 def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:

@@ -1,15 +1,25 @@
-"""What a prepared model remembers about its adapters: one small object, stored on the model."""
+"""What a prepared model remembers about its adapters: one small object, stored on the model.
+
+:class:`AdapterState` is the single source of which adapters are active, disabled, merged and
+trainable, and it holds the handles of every hook the package registered. Adapter layers keep a
+reference to it (:class:`ReadsAdapterState`) and derive their view from it, cached until the state
+changes, so no layer carries a flag of its own that could disagree with the model's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 
 STATE_ATTRIBUTE = "_hf_peft_plugin_state"
+#: Owner key in :attr:`AdapterState.hooks` of the norms' dtype hooks (``freeze_backbone``).
+NORM_HOOKS = "norms"
 
 #: peft's task types, with the transformers auto class that loads each from a path.
 TASK_AUTO_CLASSES = {
@@ -51,6 +61,8 @@ class AdapterSpec:
     #: Paths of the layers the LoRA part wraps, and of the whole modules trained alongside.
     lora_targets: tuple[str, ...] = ()
     modules_to_save: tuple[str, ...] = ()
+    #: Whether the adapter trains while active (peft's ``inference_mode`` is its negation).
+    trainable: bool = True
 
     @property
     def methods(self) -> list[str]:
@@ -67,6 +79,90 @@ class AdapterState:
     active: list[str] = field(default_factory=list)
     #: The class the model had before :func:`~hf_peft_plugin.adapter_class.make_adapter_aware`.
     original_class: type | None = None
+    #: True: every layer computes what the base model computes (merged adapters included).
+    disabled: bool = False
+    #: Adapters folded into the base weights by ``merge_adapters`` (the forward then skips them).
+    merged: list[str] = field(default_factory=list)
+    #: Handles of the hooks the package registered, by owner (a module path, or ``"norms"``).
+    hooks: dict[str, list[RemovableHandle]] = field(default_factory=dict)
+    #: Bumped on every change of ``active``/``disabled``/``merged``: layers re-derive their view then.
+    version: int = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _ROUTING_FIELDS:
+            value = bool(value) if name == "disabled" else list(value)
+            object.__setattr__(self, "version", self.__dict__.get("version", 0) + 1)
+        object.__setattr__(self, name, value)
+
+    def add_hooks(self, owner: str, handles: list[RemovableHandle]) -> None:
+        self.hooks.setdefault(owner, []).extend(handles)
+
+    def remove_hooks(self, owner: str) -> None:
+        """Remove the hooks registered for ``owner`` through their handles."""
+        for handle in self.hooks.pop(owner, []):
+            handle.remove()
+
+
+_ROUTING_FIELDS = ("active", "disabled", "merged")
+_STANDALONE = "STANDALONE_LAYER"
+
+
+class ReadsAdapterState:
+    """For adapter layers: ``active_adapters``, ``adapters_disabled`` and ``merged_adapters`` read
+    from the model's :class:`AdapterState` (bound with :meth:`bind_state`), restricted to the
+    adapters this layer has. The view is recomputed only when the state's version changes, so the
+    forward pays one integer comparison for it. A layer used on its own gets a private state."""
+
+    _adapter_state: AdapterState | None = None
+    _view_version: int = -1
+    _view: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def bind_state(self, state: AdapterState) -> None:
+        self._adapter_state = state
+        self._view_version = -1
+
+    def _state_changed(self) -> None:
+        """Call after adding or deleting an adapter of this layer: the view must be rebuilt."""
+        self._view_version = -1
+
+    def _routing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        state = self._adapter_state
+        if state is None:
+            return (), ()
+        if self._view_version != state.version:
+            own = set(self.adapter_names())
+            self._view = (tuple(n for n in state.active if n in own), tuple(n for n in state.merged if n in own))
+            self._view_version = state.version
+        return self._view
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._routing()[0]
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return self._routing()[1]
+
+    @property
+    def adapters_disabled(self) -> bool:
+        state = self._adapter_state
+        return state is not None and state.disabled
+
+    def set_active_adapters(self, names: list[str] | tuple[str, ...]) -> None:
+        """Route a layer used on its own, outside a prepared model (which routes through its state:
+        ``hf_peft_plugin.set_active_adapters(model, names)``)."""
+        from .errors import ConfigError
+
+        if self._adapter_state is not None and self._adapter_state.task_type != _STANDALONE:
+            raise ConfigError(
+                "This layer belongs to a prepared model; use hf_peft_plugin.set_active_adapters(model, names)."
+            )
+        if self._adapter_state is None:
+            self.bind_state(AdapterState(_STANDALONE, None, None, torch.float32))
+        self._adapter_state.active = list(names)
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:

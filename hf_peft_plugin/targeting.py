@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from .bottleneck import InsertionPoint, bottleneck_width, inject_bottlenecks, insertion_points
 from .config import DEFAULT_KEEP_FULL_PRECISION, BottleneckConfig, LoraConfig, PromptTuningConfig
-from .errors import AdapterNameError, ConfigError, TargetModulesError
+from .errors import AdapterNameError, ConfigError, MergeError, TargetModulesError
 from .heads import TrainableCopy
 from .lora import LoraLinear
 from .prompt import check_prompt_supported, ensure_soft_prompt, initial_prompt, soft_prompt_of
@@ -28,10 +28,11 @@ class AdapterLayer(Protocol):
     """What every adapter-bearing module offers to the model-level API."""
 
     adapters_disabled: bool
+    active_adapters: tuple[str, ...]
 
     def adapter_names(self) -> list[str]: ...
 
-    def set_active_adapters(self, names: Iterable[str]) -> None: ...
+    def bind_state(self, state: AdapterState) -> None: ...
 
     def delete_adapter(self, name: str) -> None: ...
 
@@ -238,14 +239,17 @@ def plan_adapter_set(
     return plan
 
 
-def apply_adapter_plan(model: nn.Module, plan: AdapterPlan) -> AdapterSpec:
+def apply_adapter_plan(model: nn.Module, plan: AdapterPlan, state: AdapterState) -> AdapterSpec:
+    """Make the changes ``plan`` describes; every new adapter layer reads ``state``."""
     if plan.lora is not None:
         inject_lora(model, plan.name, plan.lora, plan.lora_targets)
     inject_trainable_copies(model, plan.name, plan.head_names)
     if plan.prompt is not None:
-        ensure_soft_prompt(model, plan.task_type).add_adapter(plan.name, plan.prompt_init)
+        ensure_soft_prompt(model, plan.task_type, state).add_adapter(plan.name, plan.prompt_init)
     if plan.bottleneck is not None:
-        inject_bottlenecks(model, plan.name, plan.bottleneck, plan.bottleneck_points, plan.bottleneck_width)
+        inject_bottlenecks(model, plan.name, plan.bottleneck, plan.bottleneck_points, plan.bottleneck_width, state)
+    for _, layer in adapter_layers(model):
+        layer.bind_state(state)
     return AdapterSpec(
         lora=plan.lora,
         prompt=plan.prompt,
@@ -258,6 +262,7 @@ def apply_adapter_plan(model: nn.Module, plan: AdapterPlan) -> AdapterSpec:
 def attach_adapter_set(
     model: nn.Module,
     name: str,
+    state: AdapterState,
     *,
     task_type: str,
     lora: LoraConfig | None = None,
@@ -267,24 +272,49 @@ def attach_adapter_set(
     """Add one named adapter set to ``model``. Every selection is resolved before anything is
     modified, so a bad config leaves the model as it was."""
     plan = plan_adapter_set(model, name, task_type=task_type, lora=lora, prompt=prompt, bottleneck=bottleneck)
-    return apply_adapter_plan(model, plan)
+    return apply_adapter_plan(model, plan, state)
 
 
-def activate_adapters(model: nn.Module, state: AdapterState, names: str | Sequence[str], *, trainable: bool = True) -> None:
-    """Route every adapter layer to ``names``; only their parameters get ``requires_grad``."""
+def activate_adapters(
+    model: nn.Module, state: AdapterState, names: str | Sequence[str], *, trainable: bool | None = None
+) -> None:
+    """Make ``names`` the active adapters; only those active and trainable get ``requires_grad``.
+
+    ``trainable=None`` keeps each adapter's flag; ``True``/``False`` sets it for ``names``.
+    """
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise AdapterNameError(f"Unknown adapter(s) {unknown}; this model has {list(state.adapters)}.")
+    if state.merged and names != state.active:
+        raise MergeError(
+            f"Adapters {state.merged} are merged into the base weights; call unmerge_adapters(model) before "
+            "changing the active adapters."
+        )
     prompted = [n for n in names if state.adapters[n].prompt is not None]
     if len(prompted) > 1:
         raise ConfigError(
             f"Adapters {prompted} each carry a soft prompt, and only one soft prompt can be active at a time "
             "(which would come first is not defined). Activate at most one of them."
         )
-    for _, layer in adapter_layers(model):
-        layer.set_active_adapters(names)
-        for adapter in layer.adapter_names():
-            for p in layer.adapter_parameters(adapter):
-                p.requires_grad_(trainable and adapter in names)
+    if trainable is not None:
+        for n in names:
+            state.adapters[n].trainable = bool(trainable)
     state.active = names
+    for _, layer in adapter_layers(model):
+        for adapter in layer.adapter_names():
+            spec = state.adapters.get(adapter)
+            train = adapter in names and spec is not None and spec.trainable
+            for p in layer.adapter_parameters(adapter):
+                p.requires_grad_(train)
+
+
+def remove_empty_adapter_modules(model: nn.Module, state: AdapterState) -> None:
+    """Drop soft-prompt and bottleneck modules left without adapters, and their hooks (through the
+    handles kept in ``state``)."""
+    for path, layer in list(adapter_layers(model)):
+        if layer.adapter_names() or path not in state.hooks:
+            continue
+        state.remove_hooks(path)
+        parent, child = _parent_and_child(model, path)
+        delattr(parent, child)

@@ -15,6 +15,7 @@ import hf_peft_plugin as hp
 from hf_peft_plugin import ConfigError, LoraConfig, MergeError, NotATransformersModelError, prepare_model
 from hf_peft_plugin.lora import LoraLinear
 from hf_peft_plugin.state import require_state
+from hf_peft_plugin.targeting import adapter_layers
 
 from tiny_models import tiny_bert_classifier, tiny_llama, token_batch
 
@@ -174,3 +175,109 @@ def test_planner_reports_other_config_failures_as_exit_2(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["estimate", str(tmp_path)]) == 2
     assert "invalid" in capsys.readouterr().err
+
+
+# -- AdapterState is the single source -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_disabled_means_the_base_even_when_merged(bits):
+    ids = token_batch()
+    model = prepare_model(tiny_llama(), bits=bits, lora=LoraConfig(r=4))
+    with hp.disable_adapters(model):
+        base = logits(model, ids)
+    train_lora_b(model)
+    adapted = logits(model, ids)
+    hp.merge_adapters(model)
+    assert (logits(model, ids) - base).abs().max() > 0.1
+    with hp.disable_adapters(model):
+        assert torch.equal(logits(model, ids), base)
+    model.disable_adapters()  # transformers' unscoped form
+    assert torch.equal(logits(model, ids), base)
+    model.enable_adapters()
+    hp.unmerge_adapters(model)
+    torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_read_the_models_state_and_keep_no_flags_of_their_own():
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.add_adapter(model, "b", bottleneck=hp.BottleneckConfig(reduction_factor=8))
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        assert not {"active_adapters", "adapters_disabled", "merged_adapters"} & set(vars(layer))
+    hp.set_active_adapters(model, ["default", "b"])
+    assert all(layer.active_adapters for layer in layers)
+    copy_ = copy.deepcopy(model)  # the copy routes through its own state
+    hp.set_active_adapters(copy_, ["b"])
+    with hp.disable_adapters(model):
+        assert all(layer.adapters_disabled for layer in layers)
+    assert not any(layer.adapters_disabled for layer in layers)
+    assert require_state(model).active == ["default", "b"] and require_state(copy_).active == ["b"]
+    assert model.model.layers[0].self_attn.q_proj.active_adapters == ("default",)
+    assert copy_.model.layers[0].self_attn.q_proj.active_adapters == ()
+
+
+def test_changing_the_active_adapters_of_a_merged_model_is_refused():
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.add_adapter(model, "b", lora=LoraConfig(r=2))
+    hp.merge_adapters(model)
+    with pytest.raises(MergeError, match="unmerge_adapters"):
+        hp.set_active_adapters(model, ["b"])
+    with pytest.raises(MergeError, match="unmerge_adapters"):
+        hp.delete_adapter(model, "default")
+    assert require_state(model).active == ["default"] == require_state(model).merged
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def test_trainable_flags_are_kept_by_add_load_and_activate(tmp_path):
+    saved = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.save_adapter(saved, tmp_path)
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.set_active_adapters(model, ["default"], trainable=False)
+    assert trainable_names(model) == set()
+    hp.add_adapter(model, "new", lora=LoraConfig(r=2))
+    assert trainable_names(model) == set()  # used to make "default" trainable again
+    hp.load_adapter(model, tmp_path, adapter_name="loaded", is_trainable=False)
+    hp.set_active_adapters(model, ["default", "new", "loaded"])
+    assert trainable_names(model) == {"new"}
+    assert [n for n, s in require_state(model).adapters.items() if s.trainable] == ["new"]
+    hp.set_active_adapters(model, ["loaded"], trainable=True)
+    assert trainable_names(model) == {"loaded"}
+    fresh = hp.load_adapter(tiny_llama(), tmp_path, is_trainable=False)
+    assert trainable_names(fresh) == set() and not require_state(fresh).adapters["default"].trainable
+
+
+def norm_hook_counts(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) for m in model.modules() if "norm" in type(m).__name__.lower()]
+
+
+def test_merge_and_unload_removes_the_norm_hooks_and_preparing_again_adds_one_each():
+    model = prepare_model(tiny_llama().to(torch.bfloat16), bits=4, lora=LoraConfig(r=2))
+    assert set(norm_hook_counts(model)) == {1}
+    merged = hp.merge_and_unload(model, torch.bfloat16)
+    assert set(norm_hook_counts(merged)) == {0}
+    again = prepare_model(merged, bits=4, lora=LoraConfig(r=2))
+    assert set(norm_hook_counts(again)) == {1}
+    assert logits(again, token_batch()).isfinite().all()
+
+
+def test_delete_adapter_removes_emptied_modules_and_their_hooks():
+    model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
+    hp.add_adapter(model, "p", prompt=hp.PromptTuningConfig(num_virtual_tokens=3))
+    hp.add_adapter(model, "b", bottleneck=hp.BottleneckConfig(reduction_factor=8, placement="pfeiffer"))
+    state = require_state(model)
+    assert "prompt_encoder" in state.hooks and len(model._forward_pre_hooks) == 1
+    assert len(model.model.layers[0].mlp._forward_hooks) == 1
+    hp.delete_adapter(model, "p")
+    hp.delete_adapter(model, "b")
+    assert not hasattr(model, "prompt_encoder") and not hasattr(model.model.layers[0], "bottleneck_ffn")
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
+    assert len(model.model.layers[0].mlp._forward_hooks) == 0
+    assert set(state.hooks) <= {"norms"}
+    ids = token_batch()
+    with hp.disable_adapters(model):
+        base = logits(model, ids)
+    torch.testing.assert_close(logits(model, ids), base)  # LoRA B is zero: still the base

@@ -150,8 +150,11 @@ class LoraLinear(ReadsAdapterState, nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.adapters_disabled or not self.active_adapters or self.merged_adapters:
-            if self.adapters_disabled and self.merged_adapters:  # disabled means the base, merged or not
+        if self._view_version != self._adapter_state.version:  # the model's adapter state changed
+            self._refresh_view()
+        run = self._run  # the active adapters, or none when disabled or merged
+        if not run:
+            if self._disabled and self._merged:  # disabled means the base, merged or not
                 return self._unmerged_forward(x, *args, **kwargs)
             return self.base_layer(x, *args, **kwargs)
         if FUSED and not args and not kwargs and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
@@ -161,9 +164,9 @@ class LoraLinear(ReadsAdapterState, nn.Module):
         # The LoRA terms come first. Under non-reentrant gradient checkpointing the backward
         # recomputes a block only up to the last tensor autograd saved; computed after the frozen
         # base, they would force the recompute of the block's last (and largest) frozen GEMM too.
-        terms = {n: self._lora_term(n, x) for n in self.active_adapters if n not in self.lora_magnitude_vector}
+        terms = {n: self._lora_term(n, x) for n in run if n not in self.lora_magnitude_vector}
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:  # in order: DoRA renormalises what comes before it, as in peft
+        for name in run:  # in order: DoRA renormalises what comes before it, as in peft
             if name in terms:  # a half-precision base output takes the float32 term with one rounding
                 result = (result + terms[name]).to(result.dtype)
             else:

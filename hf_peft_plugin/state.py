@@ -105,17 +105,24 @@ class AdapterState:
 
 _ROUTING_FIELDS = ("active", "disabled", "merged")
 _STANDALONE = "STANDALONE_LAYER"
+#: The state of a layer not yet bound to any (no adapter active); never changed.
+_UNBOUND = AdapterState("UNBOUND_LAYER", None, None, torch.float32)
 
 
 class ReadsAdapterState:
     """For adapter layers: ``active_adapters``, ``adapters_disabled`` and ``merged_adapters`` read
     from the model's :class:`AdapterState` (bound with :meth:`bind_state`), restricted to the
-    adapters this layer has. The view is recomputed only when the state's version changes, so the
-    forward pays one integer comparison for it. A layer used on its own gets a private state."""
+    adapters this layer has. The view is rebuilt only when the state's version changes; a forward
+    checks it with :meth:`_view_is_current` (two attribute reads and a comparison) and then reads
+    plain attributes (``_run``: the adapters to compute). A layer used on its own gets a private state."""
 
-    _adapter_state: AdapterState | None = None
+    _adapter_state: AdapterState = _UNBOUND
     _view_version: int = -1
-    _view: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    _active: tuple[str, ...] = ()
+    _merged: tuple[str, ...] = ()
+    _disabled: bool = False
+    #: What the forward adds: the active adapters, or none when disabled or merged.
+    _run: tuple[str, ...] = ()
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
@@ -128,39 +135,44 @@ class ReadsAdapterState:
         """Call after adding or deleting an adapter of this layer: the view must be rebuilt."""
         self._view_version = -1
 
-    def _routing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _refresh_view(self) -> None:
         state = self._adapter_state
-        if state is None:
-            return (), ()
-        if self._view_version != state.version:
-            own = set(self.adapter_names())
-            self._view = (tuple(n for n in state.active if n in own), tuple(n for n in state.merged if n in own))
-            self._view_version = state.version
-        return self._view
+        own = set(self.adapter_names())
+        self._active = tuple(n for n in state.active if n in own)
+        self._merged = tuple(n for n in state.merged if n in own)
+        self._disabled = state.disabled
+        self._run = () if state.disabled or self._merged else self._active
+        self._view_version = state.version
+
+    def _routing(self) -> None:
+        if self._view_version != self._adapter_state.version:
+            self._refresh_view()
 
     @property
     def active_adapters(self) -> tuple[str, ...]:
-        return self._routing()[0]
+        self._routing()
+        return self._active
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
-        return self._routing()[1]
+        self._routing()
+        return self._merged
 
     @property
     def adapters_disabled(self) -> bool:
-        state = self._adapter_state
-        return state is not None and state.disabled
+        self._routing()
+        return self._disabled
 
     def set_active_adapters(self, names: list[str] | tuple[str, ...]) -> None:
         """Route a layer used on its own, outside a prepared model (which routes through its state:
         ``hf_peft_plugin.set_active_adapters(model, names)``)."""
         from .errors import ConfigError
 
-        if self._adapter_state is not None and self._adapter_state.task_type != _STANDALONE:
+        if self._adapter_state.task_type not in (_STANDALONE, _UNBOUND.task_type):
             raise ConfigError(
                 "This layer belongs to a prepared model; use hf_peft_plugin.set_active_adapters(model, names)."
             )
-        if self._adapter_state is None:
+        if self._adapter_state is _UNBOUND:
             self.bind_state(AdapterState(_STANDALONE, None, None, torch.float32))
         self._adapter_state.active = list(names)
 

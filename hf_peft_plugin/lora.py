@@ -159,7 +159,7 @@ class LoraLinear(ReadsAdapterState, nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if FUSED and not args and not kwargs and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             weight = frozen_dense_weight(self.base_layer, x)
-            if weight is not None and not any(n in self.lora_magnitude_vector for n in self.active_adapters):
+            if weight is not None and not any(n in self.lora_magnitude_vector for n in run):
                 return self._fused_forward(x, weight)
         # The LoRA terms come first. Under non-reentrant gradient checkpointing the backward
         # recomputes a block only up to the last tensor autograd saved; computed after the frozen

@@ -28,6 +28,7 @@ from torch import nn
 from .atomic import write_atomically
 from .errors import AdapterLoadError
 from .saving import safetensors_bytes
+from .state import require_state
 
 #: transformers' SAFE_WEIGHTS_NAME: what ``Trainer._load_from_checkpoint``/``_load_best_model`` read.
 TRAINABLE_WEIGHTS_NAME = "model.safetensors"
@@ -153,13 +154,19 @@ def _drop_frozen_missing_keys(module: nn.Module, incompatible_keys: Any) -> None
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k in trainable]
 
 
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: Owner key in :attr:`AdapterState.hooks` of the checkpoint-loading hooks.
+CHECKPOINT_HOOKS = "checkpoints"
 
 
 def enable_trainable_checkpoint_loading(model: nn.Module) -> None:
     """Let ``model.load_state_dict(strict=False)`` take a :func:`save_trainable_weights` file quietly,
-    and refuse one from an interrupted checkpoint."""
-    if model not in _HOOKED:
-        model.register_load_state_dict_pre_hook(_refuse_incomplete_checkpoint)
-        model.register_load_state_dict_post_hook(_drop_frozen_missing_keys)
-        _HOOKED.add(model)
+    and refuse one from an interrupted checkpoint. Idempotent; the handles live in the model's state."""
+    state = require_state(model)
+    if not state.hooks.get(CHECKPOINT_HOOKS):
+        state.add_hooks(
+            CHECKPOINT_HOOKS,
+            [
+                model.register_load_state_dict_pre_hook(_refuse_incomplete_checkpoint),
+                model.register_load_state_dict_post_hook(_drop_frozen_missing_keys),
+            ],
+        )

@@ -66,10 +66,10 @@ _METHOD_TITLES = {"lora": "LoRA", "prompt": "Prompt tuning", "bottleneck": "Bott
 def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
-    except (HFValidationError, TypeError):
+    except (HFValidationError, TypeError) as exc:
         raise ConfigError(
             f"{repo_id!r} is not a Hub repo id; use 'user/name' or 'org/name' (letters, digits, '-', '_', '.')."
-        ) from None
+        ) from exc
 
 
 # -- model card ----------------------------------------------------------------------------------

@@ -97,12 +97,12 @@ def _adapter_directory(
         return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)).joinpath(
             *parts
         )
-    except HFValidationError:
-        raise AdapterLoadError(f"{repo_id} is neither a local folder nor a valid Hub repo id.") from None
+    except HFValidationError as exc:
+        raise AdapterLoadError(f"{repo_id} is neither a local folder nor a valid Hub repo id.") from exc
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise AdapterLoadError(
             f"{repo_id} is not a local folder, and downloading it from the Hub failed ({type(exc).__name__}: {exc})."
-        ) from None
+        ) from exc
 
 
 def _check_problems(artifact: Artifact, strict: bool) -> None:
@@ -167,7 +167,7 @@ def _plan(model: nn.Module, artifact: Artifact, task_type: str, name: str) -> _P
             model, name, task_type=task_type, lora=lora, prompt=artifact.prompt, bottleneck=artifact.bottleneck
         )
     except (ConfigError, TargetModulesError) as exc:
-        raise AdapterLoadError(f"The adapter in {artifact.directory} cannot be attached to this model: {exc}") from None
+        raise AdapterLoadError(f"The adapter in {artifact.directory} cannot be attached to this model: {exc}") from exc
     if artifact.prompt is not None:
         _check_prompt_width(model, artifact)
         adapters.prompt_init = artifact.prompt_weight.to(adapters.prompt_init.device)

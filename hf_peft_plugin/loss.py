@@ -183,7 +183,10 @@ def chunked_cross_entropy(
     targets = shift_labels.reshape(-1).to(hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if targets.shape[0] != flat.shape[0]:
-        raise ValueError(f"labels cover {targets.shape[0]} positions but the hidden states {flat.shape[0]}.")
+        raise ConfigError(
+            f"labels cover {targets.shape[0]} positions but the hidden states {flat.shape[0]}; pass labels of the "
+            "same shape as input_ids."
+        )
     keep = (targets != ignore_index).nonzero().squeeze(-1)
     if num_items_in_batch is None:  # the mean over labelled tokens (0/0 = nan, as in transformers)
         divisor = torch.tensor(float(keep.numel()), device=hidden.device)
@@ -314,7 +317,7 @@ def _forward_with_chunked_loss(model: nn.Module, original: Callable[..., Any], k
     finally:
         handle.remove()
     if len(captured) != 1:
-        raise RuntimeError(
+        raise ConfigError(
             f"{type(model).__name__} called its lm_head {len(captured)} times in one forward; the chunked loss "
             "expects one call. Pass chunked_loss=False to prepare_model."
         )

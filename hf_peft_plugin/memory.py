@@ -229,7 +229,7 @@ def _read_config_json(name: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"Cannot read {path} as JSON ({exc}); the model's config.json looks broken.") from None
+        raise ConfigError(f"Cannot read {path} as JSON ({exc}); the model's config.json looks broken.") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object; it is not a model config.")
     return data
@@ -244,7 +244,7 @@ def _download_config(repo_id: str) -> str:
         raise ConfigError(
             f"Cannot get config.json of {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             "Check the id and your connection (gated models need `hf auth login`), or pass a local directory."
-        ) from None
+        ) from exc
 
 
 def _display_name(source: Any) -> str:

@@ -116,6 +116,8 @@ def merge_and_unload(
         state.quantization = state.quantization if requantize else None
         state.compute_dtype = dtype
     else:
+        for owner in list(state.hooks):  # a plain model again: none of the package's hooks stays
+            state.remove_hooks(owner)
         model.__class__ = state.original_class
         delattr(model, STATE_ATTRIBUTE)
         model.__dict__.pop("_hf_peft_config_loaded", None)

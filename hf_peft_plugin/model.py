@@ -162,7 +162,7 @@ def prepare_model(
     state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))
     state.adapters[adapter_name] = apply_adapter_plan(model, plan, state)
     make_adapter_aware(model, state)
-    guard_packed_batches(model)  # padding-free batches: no cache, and a clear error where unsupported
+    guard_packed_batches(model, state)  # padding-free batches: no cache, and a clear error where unsupported
     configure_chunked_loss(model, loss_config)
     set_active_adapters(model, [adapter_name])
     if offload_activations:  # applied by the model's activation_checkpointing_enable (offload.py)

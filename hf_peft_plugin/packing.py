@@ -37,11 +37,13 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .state import AdapterState
 
 #: Attention implementations that keep packed examples apart (see the module docstring).
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-_GUARD_ATTRIBUTE = "_hf_peft_plugin_packing_guard"
+#: Owner key in :attr:`AdapterState.hooks` of the padding-free guard.
+PACKING_HOOKS = "packing"
 
 
 def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
@@ -145,11 +147,11 @@ def _guard(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     return args, kwargs
 
 
-def guard_packed_batches(model: nn.Module) -> None:
-    """Make ``model`` honour padding-free batches (see the module docstring); idempotent."""
-    if getattr(model, _GUARD_ATTRIBUTE, None) is None:
-        handle = model.register_forward_pre_hook(_guard, with_kwargs=True)
-        object.__setattr__(model, _GUARD_ATTRIBUTE, handle)
+def guard_packed_batches(model: nn.Module, state: AdapterState) -> None:
+    """Make ``model`` honour padding-free batches (see the module docstring); idempotent. The hook's
+    handle lives in ``state``, so unloading the adapters removes it with the others."""
+    if not state.hooks.get(PACKING_HOOKS):
+        state.add_hooks(PACKING_HOOKS, [model.register_forward_pre_hook(_guard, with_kwargs=True)])
 
 
 # -- soft prompts ----------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{path} is not valid JSON ({exc}); the file is corrupted.") from None
+        raise AdapterLoadError(f"{path} is not valid JSON ({exc}); the file is corrupted.") from exc
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{path} must hold a JSON object; it holds a {type(config).__name__}.")
     return config
@@ -261,7 +261,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise AdapterLoadError(
             f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is truncated or corrupted. "
             "Save or download the adapter again."
-        ) from None
+        ) from exc
     return tensors, metadata
 
 
@@ -363,7 +363,7 @@ def _parse_lora(artifact: Artifact, config: dict[str, Any], tensors: dict[str, t
             init="pissa" if init == "pissa" else "default",
         )
     except ConfigError as exc:
-        raise _config_error(path, exc) from None
+        raise _config_error(path, exc) from exc
     _common_fields(artifact, config)
     suffixes = {
         ".lora_A.weight": "lora_A",
@@ -427,7 +427,7 @@ def _prompt_config(
             num_virtual_tokens=n, init=init, init_text=init_text, tokenizer_name_or_path=tokenizer
         )
     except ConfigError as exc:
-        raise _config_error(path, exc) from None
+        raise _config_error(path, exc) from exc
     if weight.dim() != 2 or weight.shape[0] != n:
         raise AdapterLoadError(
             f"{path.parent}: the soft prompt has shape {tuple(weight.shape)}, but num_virtual_tokens={n} needs "

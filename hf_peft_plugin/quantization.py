@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from .config import QuantizationConfig
-from .errors import QuantizationUnavailableError
+from .errors import ConfigError, QuantizationUnavailableError
 
 
 def _bnb():
@@ -202,7 +202,7 @@ def quantized_layer(module: nn.Module, config: QuantizationConfig, compute_dtype
             weight.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
         ).to(device)
     else:
-        raise ValueError(f"quantized_layer needs bits 4 or 8, got {config.bits!r}")
+        raise ConfigError(f"quantized_layer needs bits 4 or 8, got {config.bits!r}; pass bits=4 or bits=8.")
     if has_bias:
         layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
     if isinstance(module, Conv1D):

@@ -264,6 +264,30 @@ def test_merge_and_unload_removes_the_norm_hooks_and_preparing_again_adds_one_ea
     assert logits(again, token_batch()).isfinite().all()
 
 
+def top_level_hook_counts(model: nn.Module) -> list[int]:
+    return [
+        len(model._forward_pre_hooks),
+        len(model._forward_hooks),
+        len(model._load_state_dict_pre_hooks),
+        len(model._load_state_dict_post_hooks),
+    ]
+
+
+def test_merge_and_unload_removes_every_hook_the_package_registered():
+    from hf_peft_plugin.checkpoints import enable_trainable_checkpoint_loading
+
+    plain = tiny_llama()
+    before = top_level_hook_counts(plain)
+    model = prepare_model(plain, bits=4, lora=LoraConfig(r=2))
+    enable_trainable_checkpoint_loading(model)  # what AdapterCallback does at train begin, here twice
+    enable_trainable_checkpoint_loading(model)
+    assert top_level_hook_counts(model) == [before[0] + 1, before[1], before[2] + 1, before[3] + 1]
+    assert {"packing", "checkpoints"} <= set(require_state(model).hooks)
+    merged = hp.merge_and_unload(model)
+    assert top_level_hook_counts(merged) == before
+    assert set(norm_hook_counts(merged)) == {0}
+
+
 def test_delete_adapter_removes_emptied_modules_and_their_hooks():
     model = prepare_model(tiny_llama(), bits=None, lora=LoraConfig(r=2))
     hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))  # others' hooks, e.g. packing's
@@ -277,7 +301,7 @@ def test_delete_adapter_removes_emptied_modules_and_their_hooks():
     assert not hasattr(model, "prompt_encoder") and not hasattr(model.model.layers[0], "bottleneck_ffn")
     assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
     assert len(model.model.layers[0].mlp._forward_hooks) == 0
-    assert set(state.hooks) <= {"norms"}
+    assert set(state.hooks) <= {"norms", "packing"}
     ids = token_batch()
     with hp.disable_adapters(model):
         base = logits(model, ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 import traceback
@@ -264,8 +265,17 @@ def test_kill_9_at_random_moments_of_a_run_then_resume(tmp_path, uninterrupted):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         resumed = run(out, training_model())
+        newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), default=None)
+        if newest is not None and not (newest / "model.safetensors").exists():
+            # Killed after the Trainer made the folder and before save_pretrained's first file: no file of
+            # ours is there yet, and transformers itself refuses it, naming the folder. Known window
+            # (closing note of issue 14); the user deletes that folder, as its message implies.
+            with pytest.raises(ValueError, match=f"Can't find a valid checkpoint at {newest}"):
+                resumed.train(resume_from_checkpoint=True)
+            shutil.rmtree(newest)
+            resumed = run(out, training_model())
         try:
-            resumed.train(resume_from_checkpoint=True)
+            resumed.train(resume_from_checkpoint=True if any(out.glob("checkpoint-*")) else None)
         except AdapterLoadError as exc:
             resumed = run(out, training_model())
             if "no complete checkpoint" in str(exc):

@@ -95,7 +95,9 @@ BNB_OPTIM_BLOCK = 256
 ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 #: The planner shortens sequences down to this many tokens, never further.
 MIN_PLANNED_SEQ_LEN = 128
-PLANNABLE = ("gradient_checkpointing", "optimizer", "bits", "batch_size", "seq_len", "rank")
+PLANNABLE = (
+    "gradient_checkpointing", "chunked_loss", "optimizer", "bits", "offload_activations", "batch_size", "seq_len", "rank",
+)  # fmt: skip
 _QUANT_NAMES = {4: "4-bit", 8: "8-bit", None: "unquantized"}
 
 _UNITS = {
@@ -968,11 +970,13 @@ def plan_for_memory(
     1. the requested ``settings`` (any :func:`estimate_memory` keyword, plus
        ``gradient_accumulation_steps``);
     2. gradient checkpointing on;
-    3. the ``paged_adamw_8bit`` optimizer;
-    4. 4-bit instead of 8-bit or no quantization;
-    5. halving the batch size down to 1, with more gradient accumulation for the same effective batch;
-    6. halving the sequence length, down to :data:`MIN_PLANNED_SEQ_LEN` tokens;
-    7. halving the LoRA rank down to 1 (alpha scaled along, so the LoRA scaling stays the same).
+    3. the chunked loss on (when it was asked off: it costs no time);
+    4. the ``paged_adamw_8bit`` optimizer;
+    5. 4-bit instead of 8-bit or no quantization;
+    6. activation offload on (CUDA only: on a CPU the host memory is the same memory);
+    7. halving the batch size down to 1, with more gradient accumulation for the same effective batch;
+    8. halving the sequence length, down to :data:`MIN_PLANNED_SEQ_LEN` tokens;
+    9. halving the LoRA rank down to 1 (alpha scaled along, so the LoRA scaling stays the same).
 
     ``fixed`` names settings the planner must leave alone (from :data:`PLANNABLE`). When nothing
     fits, :class:`MemoryBudgetError` says the smallest budget that would.
@@ -1004,11 +1008,17 @@ def _candidates(s: MemorySettings, fixed: set[str]):
     if "gradient_checkpointing" not in fixed and not s.gradient_checkpointing:
         s = dataclasses.replace(s, gradient_checkpointing=True)
         yield s
+    if "chunked_loss" not in fixed and not s.chunked_loss:
+        s = dataclasses.replace(s, chunked_loss=True)
+        yield s
     if "optimizer" not in fixed and s.optimizer != "paged_adamw_8bit":
         s = dataclasses.replace(s, optimizer="paged_adamw_8bit")
         yield s
     if "bits" not in fixed and s.bits != 4:
         s = dataclasses.replace(s, bits=4)
+        yield s
+    if "offload_activations" not in fixed and s.device == "cuda" and s.gradient_checkpointing and not s.offload_activations:
+        s = dataclasses.replace(s, offload_activations=True)
         yield s
     effective = s.batch_size * s.gradient_accumulation_steps
     while "batch_size" not in fixed and s.batch_size > 1:
@@ -1040,10 +1050,14 @@ def _changes(old: MemorySettings, new: MemorySettings) -> list[str]:
     changes = []
     if new.gradient_checkpointing != old.gradient_checkpointing:
         changes.append("gradient checkpointing on")
+    if new.chunked_loss != old.chunked_loss:
+        changes.append("chunked loss on")
     if new.optimizer != old.optimizer:
         changes.append(f"optimizer {old.optimizer} -> {new.optimizer}")
     if new.bits != old.bits:
         changes.append(f"{_QUANT_NAMES[old.bits]} -> {_QUANT_NAMES[new.bits]}")
+    if new.offload_activations != old.offload_activations:
+        changes.append("activation offload on")
     if new.batch_size != old.batch_size:
         changes.append(
             f"batch size {old.batch_size} -> {new.batch_size} with {new.gradient_accumulation_steps} gradient "

@@ -266,6 +266,35 @@ def test_plan_lowers_the_rank_last_keeping_the_scaling():
     assert "LoRA rank 32 -> 4 (alpha 64 -> 8)" in plan.changes
 
 
+def test_plan_turns_the_chunked_loss_back_on_before_anything_costlier():
+    config = tiny_llama().config
+    config.vocab_size, config.max_position_embeddings = 32000, 512  # 4,096 tokens: the logits matter
+    request = dict(REQUEST, chunked_loss=False, gradient_checkpointing=True, seq_len=512)
+    target = dict(request, chunked_loss=True)
+    budget = estimate_memory(config, **target).total_bytes
+    assert estimate_memory(config, **request).total_bytes > budget  # the full logits do not fit
+    plan = plan_for_memory(config, budget, **request)
+    assert plan.settings.chunked_loss and plan.settings.bits == 8 and plan.settings.optimizer == "adamw_torch"
+    assert plan.changes == ("chunked loss on",)
+    assert plan.prepare_model_kwargs()["chunked_loss"] is True
+
+
+def test_plan_offloads_activations_on_cuda_before_shrinking_the_batch():
+    config = tiny_llama().config
+    request = dict(REQUEST, bits=4, optimizer="paged_adamw_8bit", gradient_checkpointing=True, batch_size=64,
+                   device="cuda", dtype=torch.bfloat16)  # fmt: skip
+    target = dict(request, offload_activations=True)
+    budget = estimate_memory(config, **target).total_bytes
+    assert estimate_memory(config, **request).total_bytes > budget
+    plan = plan_for_memory(config, budget, **request)
+    assert plan.settings.offload_activations and plan.settings.batch_size == 64
+    assert plan.changes == ("activation offload on",)
+    assert plan.prepare_model_kwargs()["offload_activations"] is True
+    # On a CPU offloading saves nothing, so the planner never offers it there.
+    cpu_plan = plan_for_memory(config, "64MiB", **dict(request, **CPU))
+    assert not cpu_plan.settings.offload_activations
+
+
 def test_impossible_budget_names_the_smallest_that_works():
     config = tiny_llama().config
     with pytest.raises(MemoryBudgetError, match="smallest budget") as info:

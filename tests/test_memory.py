@@ -290,9 +290,11 @@ def test_plan_offloads_activations_on_cuda_before_shrinking_the_batch():
     assert plan.settings.offload_activations and plan.settings.batch_size == 64
     assert plan.changes == ("activation offload on",)
     assert plan.prepare_model_kwargs()["offload_activations"] is True
-    # On a CPU offloading saves nothing, so the planner never offers it there.
-    cpu_plan = plan_for_memory(config, "64MiB", **dict(request, **CPU))
-    assert not cpu_plan.settings.offload_activations
+    # On a CPU offloading saves nothing, so the planner never offers it there: it halves the batch.
+    cpu_request = dict(request, **CPU)
+    cpu_budget = estimate_memory(config, **dict(cpu_request, batch_size=32)).total_bytes
+    cpu_plan = plan_for_memory(config, cpu_budget, **cpu_request)
+    assert not cpu_plan.settings.offload_activations and cpu_plan.settings.batch_size == 32
 
 
 def test_impossible_budget_names_the_smallest_that_works():

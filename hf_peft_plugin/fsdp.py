@@ -66,7 +66,8 @@ def require_gathered(model: nn.Module, what: str) -> None:
 def wrapped_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder blocks FSDP wraps one by one: modules whose class is in ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    units = [(path, m) for path, m in model.named_modules() if path and type(m).__name__ in names]
+    # By the class or one it derives from: fully_shard swaps a unit's class for an FSDP subclass.
+    units = [(p, m) for p, m in model.named_modules() if p and any(c.__name__ in names for c in type(m).__mro__)]
     # A unit inside another unit (none in transformers' decoders) would be wrapped twice: keep the outer.
     outer = [(p, m) for p, m in units if not any(p.startswith(q + ".") for q, _ in units)]
     return outer
@@ -74,13 +75,18 @@ def wrapped_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def check_shardable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Raise :class:`ShardingError` for what FSDP cannot shard; returns the units to wrap."""
-    for path, module in model.named_modules():
-        if is_quantized_linear(module) and not hasattr(module.weight, "quant_state"):
-            raise ShardingError(
-                f"{path} holds an 8-bit weight (bits=8). bitsandbytes keeps the scales of 8-bit weights (CB/SCB) "
-                "on the parameter object, which FSDP replaces with its shard, so 8-bit bases cannot be sharded. "
-                "Prepare the model with bits=4 (FSDP-QLoRA) or bits=None."
-            )
+    from torch.distributed.fsdp import FSDPModule
+
+    _check_no_8bit(model, "")
+    units = check_units_exist(model)
+    for path, unit in units:
+        if not isinstance(unit, FSDPModule):  # one sharded while loading (sharded_loading) was checked then
+            check_unit(unit, path)
+    return units
+
+
+def check_units_exist(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The units to wrap; :class:`ShardingError` when the model names none."""
     units = wrapped_units(model)
     if not units:
         raise ShardingError(
@@ -88,9 +94,54 @@ def check_shardable(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"({getattr(model, '_no_split_modules', None)!r}), so there is no unit to shard by. FSDP needs the "
             "model's transformer blocks; set model._no_split_modules = ['<BlockClass>'] before shard_model."
         )
-    for path, unit in units:
-        _check_uniform(unit, path)
     return units
+
+
+def check_unit(unit: nn.Module, path: str) -> None:
+    """Raise :class:`ShardingError` when one unit cannot be sharded as one group."""
+    _check_no_8bit(unit, path)
+    _check_uniform(unit, path)
+
+
+def _check_no_8bit(module: nn.Module, prefix: str) -> None:
+    for path, sub in module.named_modules(prefix=prefix):
+        if is_quantized_linear(sub) and not hasattr(sub, "quant_state") and not hasattr(sub.weight, "quant_state"):
+            raise ShardingError(
+                f"{path} holds an 8-bit weight (bits=8). bitsandbytes keeps the scales of 8-bit weights (CB/SCB) "
+                "on the parameter object, which FSDP replaces with its shard, so 8-bit bases cannot be sharded. "
+                "Prepare the model with bits=4 (FSDP-QLoRA) or bits=None."
+            )
+
+
+def require_distributed(what: str = "shard_model") -> None:
+    """Raise :class:`ShardingError` unless ``torch.distributed`` is up (sharding needs the ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ShardingError(
+            f"{what} needs torch.distributed: launch with `torchrun --nproc_per_node N` (or `accelerate "
+            "launch`) and create TrainingArguments before prepare_model, or call "
+            "torch.distributed.init_process_group() first."
+        )
+
+
+def unit_sharder(device: torch.device, *, reshard_after_forward: bool = True):
+    """``fully_shard`` with the mesh for ``device``, leaving a unit's trainable parameters replicated."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = None
+    if device.type != "cpu":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+
+    def shard(unit: nn.Module | list[nn.Module], *, reshard: bool = reshard_after_forward) -> None:
+        modules = unit if isinstance(unit, list) else [unit]
+        trainable = {p for m in modules for p in m.parameters() if p.requires_grad}
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+
+    return shard
 
 
 def _check_uniform(module: nn.Module, where: str) -> None:
@@ -126,8 +177,7 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True) -> nn.M
     (modified in place). ``reshard_after_forward=False`` keeps each block gathered from its forward
     to its backward: faster, more memory.
     """
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
@@ -136,29 +186,19 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True) -> nn.M
     require_state(model)
     if is_sharded(model) or isinstance(model, FSDPModule):
         raise ShardingError("This model is sharded already; shard_model runs once per model.")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ShardingError(
-            "shard_model needs torch.distributed: launch with `torchrun --nproc_per_node N` (or `accelerate "
-            "launch`) and create TrainingArguments before prepare_model, or call "
-            "torch.distributed.init_process_group() first."
-        )
+    require_distributed()
     units = check_shardable(model)
-    trainable = {p for p in model.parameters() if p.requires_grad}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    mesh = None
-    if device.type != "cpu":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    shard = unit_sharder(device, reshard_after_forward=reshard_after_forward)
     for _, unit in units:
-        fully_shard(unit, **kwargs, ignored_params={p for p in unit.parameters() if p.requires_grad})
+        if not isinstance(unit, FSDPModule):
+            shard(unit)
     for ends in _embedding_units(model):  # their own units, as accelerate does: one dtype each
-        frozen = [p for m in ends for p in m.parameters() if not p.requires_grad]
-        if frozen:
-            fully_shard(ends, **kwargs, ignored_params={p for m in ends for p in m.parameters() if p.requires_grad})
+        if any(not p.requires_grad for m in ends for p in m.parameters()):
+            shard(ends)
     # The rest (final norm, position embeddings): the root unit, dtypes as they come (they are small).
-    fully_shard(model, mesh=mesh, ignored_params=trainable)
+    # The root stays gathered after its forward as FSDP2 does by default for the root.
+    shard(model, reshard=None)
     sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
     # DDP (the Trainer's wrapper) must neither broadcast nor all-reduce FSDP's shards.
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)

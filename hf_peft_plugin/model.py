@@ -16,12 +16,13 @@ from transformers import PreTrainedModel
 from .adapter_class import make_adapter_aware
 from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, QuantizationConfig
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
-from .fsdp import FSDP_QUANT_STORAGE, shard_model
+from .fsdp import FSDP_QUANT_STORAGE, check_unit, check_units_exist, require_distributed, shard_model, unit_sharder
 from .lora import LoraLinear
 from .loss import ChunkedLossConfig, configure_chunked_loss
 from .offload import OFFLOAD_ATTRIBUTE, OffloadStats
 from .names import validate_adapter_name
 from .packing import guard_packed_batches
+from .sharded_loading import load_into_shards, streamable
 from .quantization import (
     Footprint,
     adopt_or_quantize,
@@ -122,11 +123,20 @@ def prepare_model(
             "Use bits=None with PiSSA, or init='default' on a quantized model."
         )
 
+    if fsdp:
+        require_distributed("prepare_model(..., fsdp=True)")  # before anything is loaded or changed
+
     adapters = {"lora": lora, "prompt": prompt, "bottleneck": bottleneck}
+    files = None  # set when the model is a meta skeleton streamed into shards below
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
-        model, quant, dtype = load_base_model(path, quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
+        skeleton = meta_skeleton_for_shards(path, quant, task_type or "CAUSAL_LM", from_pretrained_kwargs) if fsdp else None
+        if skeleton is not None:
+            model, files, dtype = skeleton
+        else:
+            model, quant, dtype = load_base_model(path, quant, task_type or "CAUSAL_LM", from_pretrained_kwargs)
         task = task_type or infer_task_type(model)
+        # Planned on the skeleton when streaming: a bad adapter config fails before any weight is read.
         plan = plan_adapter_set(model, adapter_name, task_type=task, **adapters)
     elif isinstance(model_or_path, nn.Module):
         if from_pretrained_kwargs:
@@ -159,6 +169,9 @@ def prepare_model(
         quantization=quant if quant.bits is not None else None,
         compute_dtype=dtype,
     )
+    if files is not None:
+        units = check_units_exist(model)
+        state.add_hooks(NORM_HOOKS, load_into_shards(model, files, quant, dtype, units, unit_sharder(_load_device()), check_unit))
     state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))
     state.adapters[adapter_name] = apply_adapter_plan(model, plan, state)
     make_adapter_aware(model, state)
@@ -189,6 +202,25 @@ def load_base_model(
     if quant.bits is not None:
         check_bitsandbytes_for(device)
     return load_quantized_model(path, quant, dtype, auto_class, **kwargs), quant, dtype
+
+
+def _load_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def meta_skeleton_for_shards(
+    path: str, quant: QuantizationConfig, task_type: str, kwargs: dict[str, Any]
+) -> tuple[nn.Module, dict[str, str], torch.dtype] | None:
+    """For ``fsdp=True``: the model on the meta device, its checkpoint's files and the compute dtype,
+    when ``path`` can be read block by block straight into shards (see :mod:`.sharded_loading`)."""
+    import transformers
+
+    device = _load_device()
+    dtype = quant.compute_dtype or default_compute_dtype(device)
+    if quant.bits is not None:
+        check_bitsandbytes_for(device)
+    found = streamable(path, getattr(transformers, TASK_AUTO_CLASSES[task_type]), dtype, kwargs)
+    return None if found is None else (*found, dtype)
 
 
 def device_map_type(device_map: Any) -> str:

@@ -86,14 +86,22 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The layer's weight as a dense ``(out_features, in_features)`` tensor."""
     if isinstance(module, Conv1D):
         return module.weight.detach().t().to(dtype)
     bnb = _bnb_if_present()
     if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
-        unpack_cpu_4bit(module)
         weight = module.weight
+        if _is_dtensor(weight):  # sharded by FSDP (kept in the standard layout): gather it, a collective
+            return bnb.functional.dequantize_4bit(weight.full_tensor(), module.quant_state).to(dtype)
+        unpack_cpu_4bit(module)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
     if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
         weight = module.weight

@@ -1,8 +1,9 @@
 """One rank of the 2-process CPU (gloo) FSDP runs that tests/test_distributed.py launches with torchrun.
 
-Usage: ``torchrun --nproc_per_node 2 fsdp_worker.py MODE OUT_DIR [REPO_ID]``, MODE one of
+Usage: ``torchrun --nproc_per_node 2 fsdp_worker.py MODE OUT_DIR BASE_DIR [REPO_ID]``, MODE one of
 
-* ``straight``: prepare a 4-bit tiny Llama with ``fsdp=True``, train 4 steps with the stock Trainer
+* ``straight``: prepare the 4-bit tiny Llama saved in BASE_DIR with ``fsdp=True`` (streamed into
+  shards block by block, hf_peft_plugin/sharded_loading.py), train 4 steps with the stock Trainer
   (checkpoints at steps 2 and 4, an AdapterCallback pushing at every save), then check
   ``save_adapter``, ``unshard_model`` + ``merge_and_unload`` and the bad-input errors;
 * ``die``: the same job, but rank 1 exits abruptly when step 4 begins (after checkpoint-2);
@@ -10,7 +11,8 @@ Usage: ``torchrun --nproc_per_node 2 fsdp_worker.py MODE OUT_DIR [REPO_ID]``, MO
 
 Each rank writes ``OUT_DIR/<mode>-rank<r>.json`` (losses, batches seen, sharded bytes, files it wrote,
 uploads, checks) and ``OUT_DIR/<mode>-rank<r>.safetensors`` (its final trainable tensors).
-The same job runs single-process when launched without torchrun (``MODE=single``) as the reference.
+The same job runs single-process when launched without torchrun (``MODE=single``) as the reference:
+BASE_DIR loaded whole by transformers' ``from_pretrained``, as any non-FSDP run loads it.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hf_peft_plugin.callback as callback_module  # noqa: E402
-from hf_peft_plugin import LoraConfig, ShardingError, merge_and_unload, prepare_model, save_adapter  # noqa: E402
+from hf_peft_plugin import (  # noqa: E402
+    LoraConfig,
+    ShardingError,
+    disable_adapters,
+    merge_and_unload,
+    prepare_model,
+    save_adapter,
+)
 from hf_peft_plugin.callback import AdapterCallback  # noqa: E402
 from hf_peft_plugin.fsdp import sharded_bytes, unshard_model  # noqa: E402
 from hf_peft_plugin.quantization import footprint  # noqa: E402
+from hf_peft_plugin.sharded_loading import LOAD_ATTRIBUTE  # noqa: E402
 
 from tiny_models import CopyTaskDataset, tiny_llama, token_batch  # noqa: E402
 
@@ -107,15 +117,19 @@ def training_args(out: Path, world: int, **extra: Any) -> TrainingArguments:
     )
 
 
-def main(mode: str, out: Path, repo_id: str | None) -> None:
+def main(mode: str, out: Path, base_dir: str, repo_id: str | None) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(1)
     record: dict[str, Any] = {"files": [], "uploads": [], "checks": {}}
     spy(record)
     args = training_args(out, world)  # first: under torchrun it starts torch.distributed (gloo)
     # The single-process reference stores its 4-bit weights the way fsdp=True picks (float32).
-    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(**LORA), quant_storage=torch.float32, fsdp=world > 1)
+    # Loading draws no random numbers either way, so the LoRA init after this seed is the same.
+    torch.manual_seed(1)
+    model = prepare_model(base_dir, bits=4, lora=LoraConfig(**LORA), quant_storage=torch.float32, fsdp=world > 1)
     if world > 1:
+        load = getattr(model, LOAD_ATTRIBUTE)  # set only when the base was streamed into shards
+        record["load"] = {k: getattr(load, k) for k in ("peak_bytes", "final_bytes", "full_bytes", "units")}
         shares = sharded_bytes(model)
         kinds = ("quantized_local", "quantized_full", "other_local", "other_full")
         record["sharded"] = {k: getattr(shares, k) for k in kinds}
@@ -146,11 +160,11 @@ def main(mode: str, out: Path, repo_id: str | None) -> None:
     safetensors.torch.save_file(tensors, str(out / f"{mode}-rank{rank}.safetensors"))
 
     if mode == "straight":
-        after_training(model, out, rank, record)
+        after_training(model, out, rank, record, base_dir)
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(record))
 
 
-def after_training(model: torch.nn.Module, out: Path, rank: int, record: dict[str, Any]) -> None:
+def after_training(model: torch.nn.Module, out: Path, rank: int, record: dict[str, Any], base_dir: str) -> None:
     """save_adapter and merge_and_unload on the trained sharded model; then the bad-input errors."""
     checks = record["checks"]
     if rank == 0:
@@ -159,6 +173,13 @@ def after_training(model: torch.nn.Module, out: Path, rank: int, record: dict[st
     model.eval()
     with torch.no_grad():
         sharded_logits = model(input_ids=x).logits  # a collective: every rank runs it
+        # The other FSDP route, a model already in memory sharded after preparing, holds the same base.
+        in_memory = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(**LORA), fsdp=True).eval()
+        with disable_adapters(model):
+            streamed_base = model(input_ids=x).logits
+        with disable_adapters(in_memory):
+            checks["in_memory_vs_streamed_base"] = (in_memory(input_ids=x).logits - streamed_base).abs().max().item()
+        del in_memory
     unshard_model(model)
     with torch.no_grad():
         gathered_logits = model(input_ids=x).logits
@@ -200,4 +221,4 @@ def after_training(model: torch.nn.Module, out: Path, rank: int, record: dict[st
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)

@@ -67,12 +67,12 @@ FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 FSDP_REPO = "alice/fsdp-run"
 
 
-def _fsdp_run(mode: str, out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
+def _fsdp_run(mode: str, out: Path, base: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*launcher] if processes > 1 else [sys.executable]
     return subprocess.run(
-        [*command, str(FSDP_WORKER), mode, str(out), *extra], env=env, capture_output=True, text=True, timeout=180
+        [*command, str(FSDP_WORKER), mode, str(out), str(base), *extra], env=env, capture_output=True, text=True, timeout=180
     )
 
 
@@ -86,11 +86,15 @@ def _record(out: Path, mode: str, rank: int) -> tuple[dict, dict[str, torch.Tens
 
 def test_fsdp_two_processes_match_one_shard_the_base_and_survive_a_dead_rank(local_hub, tmp_path):
     """One straight 2-process run, the same job on 1 process, a run whose rank 1 dies, and its resume."""
+    from tiny_models import tiny_llama
+
     straight, single, crashed = tmp_path / "straight", tmp_path / "single", tmp_path / "crashed"
     for folder in (straight, single, crashed):
         folder.mkdir()
-    _ok(_fsdp_run("straight", straight, FSDP_REPO))
-    _ok(_fsdp_run("single", single, processes=1))
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)  # safetensors: the 2-process runs stream it into shards
+    _ok(_fsdp_run("straight", straight, base, FSDP_REPO))
+    _ok(_fsdp_run("single", single, base, processes=1))
 
     (rec0, lora0), (rec1, lora1) = _record(straight, "straight", 0), _record(straight, "straight", 1)
     ref, ref_lora = _record(single, "single", 0)
@@ -116,10 +120,16 @@ def test_fsdp_two_processes_match_one_shard_the_base_and_survive_a_dead_rank(loc
         assert shares["quantized_local"] * 2 == shares["quantized_full"]
         assert abs(shares["other_local"] / shares["other_full"] - 0.5) < 0.02
 
+    # Streamed into shards: no rank ever held the whole base. Each block was sharded before the next
+    # was read, so the most a rank held stays below what one whole-model load leaves on every rank.
+    for rec in (rec0, rec1):
+        held = rec["load"]
+        assert held["units"] == 2
+        assert held["final_bytes"] <= held["peak_bytes"] < held["full_bytes"], held
+        assert rec["checks"]["in_memory_vs_streamed_base"] == 0.0
+
     # The memory planner's per-rank figure matches what each rank holds (the sharded terms).
     from hf_peft_plugin import LoraConfig, estimate_memory
-
-    from tiny_models import tiny_llama
 
     planned = estimate_memory(
         tiny_llama().config, lora=LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -172,10 +182,10 @@ def test_fsdp_two_processes_match_one_shard_the_base_and_survive_a_dead_rank(loc
 
     # A rank that dies mid-run (rank 1 exits at step 4) loses nothing: the run resumes from checkpoint-2
     # and ends exactly where the straight run ended.
-    died = _fsdp_run("die", crashed)
+    died = _fsdp_run("die", crashed, base)
     assert died.returncode != 0
     assert sorted(p.name for p in (crashed / "run").iterdir()) == ["checkpoint-2"]
-    _ok(_fsdp_run("resume", crashed))
+    _ok(_fsdp_run("resume", crashed, base))
     resumed, resumed_lora = _record(crashed, "resume", 0)
     # The log history holds steps 1-2 from checkpoint-2 and steps 3-4 trained after the resume.
     assert len(resumed["losses"]) == steps

@@ -203,8 +203,12 @@ def test_fsdp_without_torch_distributed_says_how_to_launch():
     from tiny_models import tiny_llama
 
     assert not dist.is_initialized()
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ShardingError, match="torchrun --nproc_per_node"):
-        prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=2), fsdp=True)
+        prepare_model(model, bits=4, lora=LoraConfig(r=2), fsdp=True)
+    after = model.state_dict()  # refused before quantizing: the model is as it was
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_planner_gives_per_rank_figures_for_fsdp(tmp_path, capsys):
@@ -244,3 +248,56 @@ def test_merging_a_sharded_model_says_to_unshard_it_first():
         with pytest.raises(ShardingError, match=r"unshard_model\(model\) on every rank"):
             merge(model)
     assert any(hasattr(m, "quant_state") for m in model.modules())  # left as it was
+
+
+def test_streaming_into_shards_reads_nothing_up_front_draws_no_randomness_and_says_when_it_cannot(tmp_path, caplog):
+    """What decides between streaming a checkpoint into shards and loading it whole (one process)."""
+    import logging
+
+    import transformers
+
+    from hf_peft_plugin.sharded_loading import checkpoint_files, streamable
+
+    from tiny_models import tiny_llama
+
+    tied = tmp_path / "tied"
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tied)
+    auto = transformers.AutoModelForCausalLM
+    before = torch.random.get_rng_state()
+    found = streamable(str(tied), auto, torch.float32, {})
+    assert torch.equal(torch.random.get_rng_state(), before)  # adapters initialised next come out the same
+    skeleton, files = found
+    assert all(t.device.type == "meta" for t in skeleton.state_dict(keep_vars=True).values())
+    assert "lm_head.weight" not in files and skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+    assert not skeleton.training  # eval mode, as from_pretrained returns a model
+
+    # Sharded checkpoints are found through their index.
+    split = tmp_path / "split"
+    tiny_llama().save_pretrained(split, max_shard_size="40KB")
+    assert (split / "model.safetensors.index.json").exists()
+    assert len(set(checkpoint_files(str(split)).values())) > 1 and streamable(str(split), auto, torch.float32, {})
+
+    # Where it cannot stream, it says why and prepare_model loads the model whole.
+    no_safetensors = tmp_path / "bin"
+    tiny_llama().save_pretrained(no_safetensors)
+    (no_safetensors / "model.safetensors").rename(no_safetensors / "pytorch_model.bin")  # name only: never read
+    renamed = tmp_path / "renamed"
+    tiny_llama().save_pretrained(renamed)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(renamed / "model.safetensors")
+    save_file({k.replace("model.", "transformer.", 1): v for k, v in weights.items()}, renamed / "model.safetensors")
+    cases = {
+        str(no_safetensors): "not a local folder of safetensors files",
+        "HuggingFaceTB/SmolLM2-135M": "not a local folder of safetensors files",
+        str(renamed): "do not hold ['model.embed_tokens.weight'",
+    }
+    for path, why in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_peft_plugin.sharded_loading"):
+            assert streamable(path, auto, torch.float32, {}) is None
+        assert why in caplog.text and "loading the whole model on each rank" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_peft_plugin.sharded_loading"):
+        assert streamable(str(tied), auto, torch.float32, {"revision": "main"}) is None
+    assert "arguments it does not take (['revision'])" in caplog.text

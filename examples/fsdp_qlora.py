@@ -5,8 +5,9 @@ One script for CPUs (gloo) and GPUs (NCCL); the launcher starts one process per 
     torchrun --nproc_per_node 2 examples/fsdp_qlora.py                 # CPU: SmolLM2-135M, 8 steps
     torchrun --nproc_per_node 2 examples/fsdp_qlora.py --model meta-llama/Llama-3.1-8B --steps 50
 
-On GPUs ``prepare_model`` computes in bf16 (fp16 where bf16 is missing) and each rank loads onto
-its own device; on CPUs it computes in float32. Either way ``fsdp=True`` stores the packed 4-bit
+On GPUs ``prepare_model`` computes in bf16 (fp16 where bf16 is missing) and each rank streams the
+checkpoint onto its own device one decoder block at a time, sharding each block before reading the
+next, so no device holds the whole base; on CPUs it computes in float32. Either way ``fsdp=True`` stores the packed 4-bit
 weights in float32 (the dtype of the blocks' norms, so each FSDP unit has one dtype) and shards
 them. Each rank prints its share of the quantized bytes; rank 0 saves the adapter.
 """

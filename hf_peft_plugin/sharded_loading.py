@@ -13,8 +13,9 @@ machine) and quantizes the same tensors the same way, so the shards fit together
 broadcast. Loading consumes no random numbers, so adapters initialised afterwards come out as they
 would after ``from_pretrained``.
 
-:func:`streamable` says when this applies (a local folder of safetensors whose names match the
-model's); otherwise ``prepare_model(fsdp=True)`` loads with ``from_pretrained`` and shards after.
+:func:`streamable` says when this applies (a local folder or Hub repository of safetensors whose
+names match the model's); otherwise ``prepare_model(fsdp=True)`` loads with ``from_pretrained`` and
+shards after.
 """
 
 from __future__ import annotations
@@ -88,24 +89,47 @@ def _missing_names(model: nn.Module, files: dict[str, str]) -> list[str]:
     return [name for name, t in state.items() if name not in files and id(t) not in held]
 
 
+#: ``from_pretrained`` arguments streaming honours: where the files come from, and remote code.
+_HUB_ARGUMENTS = ("revision", "token", "cache_dir", "local_files_only")
+_STREAM_ARGUMENTS = (*_HUB_ARGUMENTS, "trust_remote_code")
+
+
+def _local_folder(path: str, kwargs: dict[str, Any]) -> str | None:
+    """``path`` itself when it is a folder; for a Hub id, its config and safetensors files fetched
+    into the Hub cache (each rank asks; the cache's locks make one download); else ``None``."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    hub = {k: kwargs[k] for k in _HUB_ARGUMENTS if k in kwargs}
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"], **hub)
+    except Exception as exc:  # noqa: BLE001  not an id, offline, no such repo: from_pretrained, next, says which
+        logger.info("prepare_model(fsdp=True): could not fetch %s for streaming: %s", path, type(exc).__name__)
+        return None
+
+
 def streamable(path: str, auto_class: Any, dtype: torch.dtype, kwargs: dict[str, Any]) -> tuple[nn.Module, dict] | None:
-    """The meta skeleton and the file index when ``path`` can be streamed into shards, else ``None``
-    (with a log line saying why: ``prepare_model`` then loads the whole model and shards after)."""
-    unsupported = sorted(set(kwargs) - {"trust_remote_code"})
-    files = checkpoint_files(path)
+    """The meta skeleton and the file index when ``path`` (a local folder or a Hub id) can be
+    streamed into shards, else ``None`` with a log line saying why (``prepare_model`` then loads the
+    whole model on each rank and shards it after)."""
+    unsupported = sorted(set(kwargs) - set(_STREAM_ARGUMENTS))
+    folder = None if unsupported else _local_folder(path, kwargs)
+    files = None if folder is None else checkpoint_files(folder)
     why = None
     if unsupported:
-        why = f"arguments it does not take ({unsupported})"
+        why = f"it was given from_pretrained arguments streaming does not take ({unsupported})"
     elif files is None:
-        why = "it is not a local folder of safetensors files (download it first, e.g. `hf download <id> --local-dir DIR`)"
+        why = "it is neither a local folder nor a Hub repository of safetensors files"
     if why is None:
-        model = _skeleton(path, auto_class, dtype, kwargs)
+        model = _skeleton(folder, auto_class, dtype, {k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+        model.config._name_or_path = path  # the id the adapter's config names, not the cache folder
         missing = _missing_names(model, files)
         if not missing:
             return model, files
         why = f"its files do not hold {missing[:3]} under the model's own names"
     logger.warning(
-        "prepare_model(fsdp=True): %s cannot be loaded block by block into shards because of %s; loading the "
+        "prepare_model(fsdp=True): %s cannot be loaded block by block into shards: %s. Loading the "
         "whole model on each rank, then sharding it (each rank needs the memory of the full base once).",
         path,
         why,

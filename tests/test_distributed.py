@@ -288,16 +288,37 @@ def test_streaming_into_shards_reads_nothing_up_front_draws_no_randomness_and_sa
     weights = load_file(renamed / "model.safetensors")
     save_file({k.replace("model.", "transformer.", 1): v for k, v in weights.items()}, renamed / "model.safetensors")
     cases = {
-        str(no_safetensors): "not a local folder of safetensors files",
-        "HuggingFaceTB/SmolLM2-135M": "not a local folder of safetensors files",
+        str(no_safetensors): "neither a local folder nor a Hub repository of safetensors",
+        str(tmp_path / "no-such-folder"): "neither a local folder nor a Hub repository of safetensors",
         str(renamed): "do not hold ['model.embed_tokens.weight'",
     }
     for path, why in cases.items():
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="hf_peft_plugin.sharded_loading"):
             assert streamable(path, auto, torch.float32, {}) is None
-        assert why in caplog.text and "loading the whole model on each rank" in caplog.text, caplog.text
+        assert why in caplog.text and "Loading the whole model on each rank" in caplog.text, caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_peft_plugin.sharded_loading"):
-        assert streamable(str(tied), auto, torch.float32, {"revision": "main"}) is None
-    assert "arguments it does not take (['revision'])" in caplog.text
+        assert streamable(str(tied), auto, torch.float32, {"device_map": "auto"}) is None
+    assert "arguments streaming does not take (['device_map'])" in caplog.text
+
+
+def test_a_hub_id_is_streamed_from_the_hub_cache(local_hub, hub_api, tmp_path):
+    """prepare_model("org/name", fsdp=True): config and safetensors fetched once into the cache,
+    the adapter's config naming the id, not the cache folder."""
+    import transformers
+
+    from hf_peft_plugin.sharded_loading import streamable
+
+    from tiny_models import tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    (folder / "README.md").write_text("not needed to load")
+    hub_api.create_repo("alice/tiny-llama")
+    hub_api.upload_folder(repo_id="alice/tiny-llama", folder_path=folder)
+    skeleton, files = streamable("alice/tiny-llama", transformers.AutoModelForCausalLM, torch.float32, {"revision": "main"})
+    assert skeleton.config._name_or_path == "alice/tiny-llama"
+    snapshot = Path(next(iter(files.values()))).parent
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert str(snapshot).startswith(str(tmp_path / "hf_home"))  # the Hub cache, not the working folder

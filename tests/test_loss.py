@@ -214,7 +214,7 @@ def test_bad_settings_raise_config_error():
             prepare_model(tiny_llama(), bits=None, loss_chunk_size=bad)
     with pytest.raises(ConfigError, match="chunked_loss"):
         prepare_model(tiny_llama(), bits=None, chunked_loss="yes")
-    assert default_chunk_size(128_256) == 256 and default_chunk_size(49_152) == 512 and default_chunk_size(128) == 4096
+    assert default_chunk_size(128_256) == 64 and default_chunk_size(49_152) == 128 and default_chunk_size(128) == 4096
 
 
 def test_four_bit_with_gradient_checkpointing_trains():

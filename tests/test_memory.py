@@ -166,11 +166,11 @@ def test_activations_match_peak_rss_of_a_training_step():
 def test_logits_term_and_checkpointing():
     base = dict(lora=LoraConfig(r=16), batch_size=2, seq_len=1024)
     est = estimate_memory(LLAMA_8B, **base)
-    assert est.logits_bytes == 12 * 256 * 128256  # one chunk of the default 256 tokens (chunked loss)
+    assert est.logits_bytes == 12 * 64 * 128256  # one chunk of the default 64 tokens (chunked loss)
     full = estimate_memory(LLAMA_8B, chunked_loss=False, **base)
     assert full.logits_bytes == 12 * 2 * 1024 * 128256  # log-probs + their gradient + the logits' gradient, fp32
     assert full.activation_bytes - est.activation_bytes > 4 * 2 * 1024 * 128256
-    assert estimate_memory(LLAMA_8B, loss_chunk_size=64, **base).logits_bytes == 12 * 64 * 128256
+    assert estimate_memory(LLAMA_8B, loss_chunk_size=256, **base).logits_bytes == 12 * 256 * 128256
     no_ckpt = estimate_memory(LLAMA_8B, gradient_checkpointing=False, **base)
     assert no_ckpt.activation_bytes > 5 * est.activation_bytes
     double = estimate_memory(LLAMA_8B, **{**base, "batch_size": 4})

@@ -24,7 +24,7 @@ import hf_peft_plugin.callback as callback_module  # noqa: E402
 from hf_peft_plugin import LoraConfig, prepare_model  # noqa: E402
 from hf_peft_plugin.callback import AdapterCallback  # noqa: E402
 
-from tiny_models import CopyTaskDataset, tiny_llama  # noqa: E402
+from tiny_models import CopyTaskDataset, FirstPushStarts, tiny_llama  # noqa: E402
 
 
 def main(out: Path, repo_id: str) -> None:
@@ -54,7 +54,8 @@ def main(out: Path, repo_id: str) -> None:
     os.replace = spy_replace
     safetensors.torch.save_file = spy_files(safetensors.torch.save_file)
     torch.save = spy_files(torch.save)
-    callback_module.upload_staged = spy_upload
+    gate = FirstPushStarts()
+    callback_module.upload_staged = gate.watch(spy_upload)
 
     base = tiny_llama()  # the same base weights on every rank (seeded inside)
     torch.manual_seed(rank)  # a different LoRA init per rank: DDP must broadcast rank 0's
@@ -73,7 +74,7 @@ def main(out: Path, repo_id: str) -> None:
         ddp_backend="gloo",
     )
     callback = AdapterCallback(repo_id, hub_strategy="every_save", token="hf_write_alice")
-    trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset(32), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset(32), callbacks=[gate, callback])
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size
 

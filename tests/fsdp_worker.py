@@ -43,7 +43,7 @@ from hf_peft_plugin.fsdp import sharded_bytes, unshard_model  # noqa: E402
 from hf_peft_plugin.quantization import footprint  # noqa: E402
 from hf_peft_plugin.sharded_loading import LOAD_ATTRIBUTE  # noqa: E402
 
-from tiny_models import CopyTaskDataset, tiny_llama, token_batch  # noqa: E402
+from tiny_models import CopyTaskDataset, FirstPushStarts, tiny_llama, token_batch  # noqa: E402
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -73,7 +73,7 @@ class DieAt(TrainerCallback):
             os._exit(17)
 
 
-def spy(record: dict[str, Any]) -> None:
+def spy(record: dict[str, Any], gate: FirstPushStarts) -> None:
     def files(real):
         def wrapper(obj, path, *args, **kwargs):
             record["files"].append(os.fspath(path))
@@ -97,7 +97,7 @@ def spy(record: dict[str, Any]) -> None:
     os.replace = replace
     safetensors.torch.save_file = files(safetensors.torch.save_file)
     torch.save = files(torch.save)
-    callback_module.upload_staged = upload
+    callback_module.upload_staged = gate.watch(upload)
 
 
 def training_args(out: Path, world: int, **extra: Any) -> TrainingArguments:
@@ -121,7 +121,8 @@ def main(mode: str, out: Path, base_dir: str, repo_id: str | None) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(1)
     record: dict[str, Any] = {"files": [], "uploads": [], "checks": {}}
-    spy(record)
+    gate = FirstPushStarts()
+    spy(record, gate)
     args = training_args(out, world)  # first: under torchrun it starts torch.distributed (gloo)
     # The single-process reference stores its 4-bit weights the way fsdp=True picks (float32).
     # Loading draws no random numbers either way, so the LoRA init after this seed is the same.
@@ -145,7 +146,7 @@ def main(mode: str, out: Path, base_dir: str, repo_id: str | None) -> None:
     batches = Batches()
     callbacks: list[TrainerCallback] = []
     if repo_id:
-        callbacks.append(AdapterCallback(repo_id, hub_strategy="every_save", token="hf_write_alice"))
+        callbacks += [gate, AdapterCallback(repo_id, hub_strategy="every_save", token="hf_write_alice")]
     else:
         callbacks.append(AdapterCallback())
     if mode == "die":

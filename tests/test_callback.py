@@ -23,7 +23,7 @@ from hf_peft_plugin.checkpoints import (
     save_trainable_weights,
 )
 
-from tiny_models import CopyTaskDataset, tiny_llama
+from tiny_models import CopyTaskDataset, FirstPushStarts, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -303,10 +303,12 @@ def test_push_at_end_only_once_to_a_private_repo(local_hub, tmp_path):
     assert "| loss |" in readme and "| step | `4` |" in readme  # last training metrics
 
 
-def test_push_every_save_then_the_final_adapter(local_hub, tmp_path):
+def test_push_every_save_then_the_final_adapter(local_hub, tmp_path, monkeypatch):
     model = model_with()
+    gate = FirstPushStarts()
+    monkeypatch.setattr(callback_module, "upload_staged", gate.watch(callback_module.upload_staged))
     trainer(
-        model, arguments(tmp_path), AdapterCallback(REPO, hub_strategy="every_save", token="hf_write_alice")
+        model, arguments(tmp_path), gate, AdapterCallback(REPO, hub_strategy="every_save", token="hf_write_alice")
     ).train()
     commits = our_commits(local_hub)
     # A push still queued when a newer one comes is dropped, so step 4's may give way to the final one.
@@ -342,7 +344,8 @@ def test_pushes_never_block_training_and_run_in_order(local_hub, tmp_path, monke
             assert release.wait(timeout=60)
         return real_upload(staged, **kwargs)
 
-    monkeypatch.setattr(callback_module, "upload_staged", slow_upload)
+    gate = FirstPushStarts()  # step 3 begins only once the first upload is under way
+    monkeypatch.setattr(callback_module, "upload_staged", gate.watch(slow_upload))
     steps_during_upload = []
 
     class Watch(TrainerCallback):
@@ -356,7 +359,7 @@ def test_pushes_never_block_training_and_run_in_order(local_hub, tmp_path, monke
     caplog.set_level(logging.INFO, logger="hf_peft_plugin")
     model = model_with()
     args = arguments(tmp_path, max_steps=6)
-    trainer(model, args, Watch(), AdapterCallback(REPO, hub_strategy="every_save", token="hf_write_alice")).train()
+    trainer(model, args, gate, Watch(), AdapterCallback(REPO, hub_strategy="every_save", token="hf_write_alice")).train()
     assert steps_during_upload == [3, 4, 5, 6]
     assert uploads == ["Training in progress, step 2", "End of training, step 6"]
     assert our_commits(local_hub) == uploads and "dropped a push that had not started" in caplog.text

@@ -511,7 +511,7 @@ def test_loading_from_a_path_peaks_near_the_quantized_footprint(tmp_path):
     )
     full_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     model.save_pretrained(tmp_path / "base")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", _PEAK_LOAD_SCRIPT, str(tmp_path / "base")],
         capture_output=True, text=True, timeout=300, env=env,

@@ -224,8 +224,15 @@ KILL_POINTS = [
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    t = run(tmp_path_factory.mktemp("straight"), training_model())
-    t.train()
+    # Module-scoped, so built before the per-test one-thread setting: set it here too, so the
+    # reference trains with the thread count the killed and resumed runs use.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = run(tmp_path_factory.mktemp("straight"), training_model())
+        t.train()
+    finally:
+        torch.set_num_threads(threads)
     return trainable(t.model)
 
 

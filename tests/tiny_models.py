@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any, Callable
+
 import torch
 from transformers import (
+    TrainerCallback,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -122,3 +126,25 @@ def train_copy_task(model: torch.nn.Module, output_dir, steps: int = 30, **overr
     trainer = Trainer(model=model, args=args, train_dataset=CopyTaskDataset())
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+class FirstPushStarts(TrainerCallback):
+    """Holds step 3 until the push queued at step 2's save has started uploading.
+
+    A push still queued when the next one comes is dropped by design, so on a loaded machine whose
+    upload thread had not picked up step 2's push before step 4's, a test expecting step 2 first
+    would see another valid order. Wrap the upload function with :meth:`watch`."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def watch(self, upload: Callable[..., Any]) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self.started.set()
+            return upload(*args, **kwargs)
+
+        return watched
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2 and state.is_world_process_zero:
+            assert self.started.wait(timeout=120), "the step-2 push never started"

@@ -81,7 +81,7 @@ def check_shardable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     units = check_units_exist(model)
     for path, unit in units:
         if not isinstance(unit, FSDPModule):  # one sharded while loading (sharded_loading) was checked then
-            check_unit(unit, path)
+            _check_uniform(unit, path)
     return units
 
 
@@ -105,7 +105,7 @@ def check_unit(unit: nn.Module, path: str) -> None:
 
 def _check_no_8bit(module: nn.Module, prefix: str) -> None:
     for path, sub in module.named_modules(prefix=prefix):
-        if is_quantized_linear(sub) and not hasattr(sub, "quant_state") and not hasattr(sub.weight, "quant_state"):
+        if is_quantized_linear(sub) and not hasattr(sub, "quant_state"):  # 4-bit layers carry it, sharded or not
             raise ShardingError(
                 f"{path} holds an 8-bit weight (bits=8). bitsandbytes keeps the scales of 8-bit weights (CB/SCB) "
                 "on the parameter object, which FSDP replaces with its shard, so 8-bit bases cannot be sharded. "
@@ -136,7 +136,7 @@ def unit_sharder(device: torch.device, *, reshard_after_forward: bool = True):
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
-    def shard(unit: nn.Module | list[nn.Module], *, reshard: bool = reshard_after_forward) -> None:
+    def shard(unit: nn.Module | list[nn.Module], *, reshard: bool | None = reshard_after_forward) -> None:
         modules = unit if isinstance(unit, list) else [unit]
         trainable = {p for m in modules for p in m.parameters() if p.requires_grad}
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)

@@ -171,7 +171,8 @@ def prepare_model(
     )
     if files is not None:
         units = check_units_exist(model)
-        state.add_hooks(NORM_HOOKS, load_into_shards(model, files, quant, dtype, units, unit_sharder(_load_device()), check_unit))
+        device = _load_device()
+        state.add_hooks(NORM_HOOKS, load_into_shards(model, files, quant, dtype, units, device, unit_sharder(device), check_unit))
     state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))
     state.adapters[adapter_name] = apply_adapter_plan(model, plan, state)
     make_adapter_aware(model, state)

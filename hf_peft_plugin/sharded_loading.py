@@ -243,14 +243,15 @@ def load_into_shards(
     quant: QuantizationConfig,
     compute_dtype: torch.dtype,
     units: list[tuple[str, nn.Module]],
+    device: torch.device,
     shard_unit: Any,
     check_unit: Any,
 ) -> list[RemovableHandle]:
     """Materialize the meta ``model`` from ``files``: each unit loaded (its linears quantized), frozen
     (norms upcast as :func:`freeze_backbone` does), checked by ``check_unit(unit, path)`` and
     sharded by ``shard_unit(unit)`` before the next one is read; then the rest (embeddings, final
-    norm, head), left unsharded for the caller. Returns the norm hooks freezing registered."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    norm, head), left unsharded for the caller. Tensors are placed on ``device``. Returns the norm
+    hooks freezing registered."""
     read = _Reader(files)
     quantize = dict(quantizable_linears(model, quant.skip_modules)) if quant.bits is not None else {}
     done: dict[int, torch.Tensor] = {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .dropout import LoraDropout
 from .errors import AdapterNameError, ConfigError, MergeError
 from .quantization import (
     dequantized_weight,
@@ -88,7 +89,7 @@ class LoraLinear(ReadsAdapterState, nn.Module):
         device = self._base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=LORA_DTYPE)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=LORA_DTYPE)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = LoraDropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.r[name] = r
         self._init_adapter(name, init)

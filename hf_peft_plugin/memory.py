@@ -24,7 +24,8 @@ bf16 step peaks where an unquantized one does). Per block, autograd keeps:
   ``E`` on CPU, where the mask is a float tensor);
 * the inputs of adapted layers: one ``E t in`` per distinct input (layers under one parent with
   the same ``in_features`` read one tensor), or one ``M t in`` copy per layer when LoRA dropout
-  (plus its mask) or a half-precision compute dtype makes each layer cast its own; 8-bit base
+  (plus its mask: 1 byte, :class:`~hf_peft_plugin.dropout.LoraDropout` keeps a bool one on CPU
+  too) or a half-precision compute dtype makes each layer cast its own; 8-bit base
   layers keep their input too;
 * LoRA's rank-``r`` intermediate ``M t r`` per layer; DoRA ``8 t out`` per layer; each bottleneck
   adapter ``4 t (h + 2 width)``.
@@ -897,7 +898,7 @@ def _activations(inv: _Inventory, s: MemorySettings) -> tuple[int, int, int]:
             if not lin.rank:
                 continue
             if matmul != 4 or lin.dropout:
-                total += matmul * t * lin.in_features + (mask * t * lin.in_features if lin.dropout else 0)
+                total += matmul * t * lin.in_features + (t * lin.in_features if lin.dropout else 0)
             else:
                 inputs.add((lin.parent, lin.in_features))
             total += matmul * t * lin.rank + (8 * t * lin.out_features if lin.dora else 0)

@@ -478,9 +478,10 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        count = getattr(p, "ds_numel", None) or p.numel()  # DeepSpeed ZeRO-3 empties a partitioned parameter
+        total += count
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += count
     return TrainableReport(trainable=trainable, total=total, footprint=footprint(model))
 
 

@@ -98,6 +98,19 @@ def test_only_lora_parameters_are_trainable_and_counts_match(arch):
     assert 0 < report.percent < 100
 
 
+def test_trainable_parameters_counts_zero3_partitioned_parameters():
+    # DeepSpeed ZeRO-3 replaces a partitioned parameter's data with an empty tensor and keeps
+    # its size in ``ds_numel`` (seen with deepspeed 0.19.8 on 2 CPU processes).
+    model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4))
+    before = trainable_parameters(model)
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    after = trainable_parameters(model)
+    assert (after.trainable, after.total) == (before.trainable, before.total)
+    assert after.trainable > 0
+
+
 def test_dora_magnitude_is_trainable_and_counted():
     model = prepare_model(tiny_llama(), bits=4, lora=LoraConfig(r=4, use_dora=True))
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]

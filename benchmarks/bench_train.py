@@ -156,12 +156,25 @@ def peak_memory(device: str) -> int:
 
 
 def load_hf_peft_plugin(
-    path: str, bits: int | None, gc: bool, dtype: torch.dtype, target_modules: str = "all-linear"
+    path: str,
+    bits: int | None,
+    gc: bool,
+    dtype: torch.dtype,
+    target_modules: str = "all-linear",
+    fast_frozen_matmul: bool | None = None,
 ) -> torch.nn.Module:
     from hf_peft_plugin import LoraConfig, prepare_model
 
     lora = LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=target_modules)
-    return prepare_model(path, bits=bits, lora=lora, compute_dtype=dtype, dtype=dtype, gradient_checkpointing=gc)
+    return prepare_model(
+        path,
+        bits=bits,
+        lora=lora,
+        compute_dtype=dtype,
+        dtype=dtype,
+        gradient_checkpointing=gc,
+        fast_frozen_matmul=fast_frozen_matmul,
+    )
 
 
 def load_peft(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torch.nn.Module:
@@ -204,7 +217,31 @@ def load_floor(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> tor
     return load_hf_peft_plugin(path, bits, gc, dtype, target_modules=r"model\.layers\.0\.self_attn\.q_proj")
 
 
-LOADERS = {"hf_peft_plugin": load_hf_peft_plugin, "peft": load_peft, FLOOR: load_floor}
+def load_strict(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """hf_peft_plugin with strict float32 GEMMs everywhere (``fast_frozen_matmul=False``)."""
+    return load_hf_peft_plugin(path, bits, gc, dtype, fast_frozen_matmul=False)
+
+
+def load_peft_bf16_mode(path: str, bits: int | None, gc: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """peft with torch's CPU bf16 mode for every float32 GEMM, set by hand for the whole process
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): what a peft user gets from the same
+    hardware feature, applied to the trainable GEMMs too."""
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    return load_peft(path, bits, gc, dtype)
+
+
+#: --compare-matmul: extra workers, shown as rows against peft.
+MATMUL_VARIANTS = {
+    "strict": "hf_peft_plugin, strict float32 GEMMs (fast_frozen_matmul=False)",
+    "peft_bf16_mode": "peft + torch's bf16 GEMM mode set globally by hand",
+}
+LOADERS = {
+    "hf_peft_plugin": load_hf_peft_plugin,
+    "peft": load_peft,
+    FLOOR: load_floor,
+    "strict": load_strict,
+    "peft_bf16_mode": load_peft_bf16_mode,
+}
 
 
 # -- one worker: load, train, save ---------------------------------------------------------------
@@ -626,6 +663,14 @@ def format_table(results: Results, args: argparse.Namespace) -> str:
             lines.append(f"| {setting.label} | {label} | {cell_a} | {cell_b} | {ratio} |")
             if key == "step_s" and (paired := paired_ratio(a, b)) is not None:
                 lines.append(f"| {setting.label} | step time, per-step ratio (median) | | | {paired:.2f} |")
+            for extra, extra_label in MATMUL_VARIANTS.items():
+                if key == "step_s" and (other := by_variant.get(extra, {})).get("step_s") is not None and vb:
+                    paired = paired_ratio(other, b)
+                    per_step = "" if paired is None else f" (per-step {paired:.2f})"
+                    lines.append(
+                        f"| {setting.label} | step time, {extra_label} | {_ms(other['step_s'])} | | "
+                        f"{other['step_s'] / vb:.2f}{per_step} |"
+                    )
             if key == "step_s" and (floor := by_variant.get(FLOOR, {}).get("step_s")) is not None and vb:
                 lines.append(
                     f"| {setting.label} | step time, floor: LoRA on one layer only | {_ms(floor)} | | {floor / vb:.2f} |"
@@ -675,7 +720,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--floor", action="store_true", help="also time the floor: the same model with LoRA on one layer only"
     )
-    p.add_argument("--variant", choices=(*VARIANTS, FLOOR, "trl"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compare-matmul", action="store_true",
+        help="also time hf_peft_plugin with strict float32 GEMMs and peft with torch's bf16 GEMM mode set globally",
+    )  # fmt: skip
+    p.add_argument("--variant", choices=(*VARIANTS, FLOOR, *MATMUL_VARIANTS, "trl"), help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick and args.gpu:
@@ -702,6 +751,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.floor:
         args.variants.append(FLOOR)
+    if args.compare_matmul:
+        args.variants += list(MATMUL_VARIANTS)
     bits = {"4": 4, "8": 8, "none": None}
     gcs = {"off": False, "on": True}
     try:

@@ -13,8 +13,9 @@ checkpointing, float32 compute, batch 1, every token labelled -- the chunked los
 * the longest context whose step peaks within ``--budget`` (4 GiB): found by bisection on the
   measured peak, starting from a straight line through the two rows above; probes stop at
   ``--max-probe`` tokens (a CPU step at 64k tokens takes too long here), so a variant that still
-  fits there is reported as ``>= N``. SmolLM2's positions are capped by its
-  ``max_position_embeddings`` (8,192).
+  fits there is reported as ``>= N``. SmolLM2 has 8,192 positions, so its search runs on a copy
+  of its config with linear RoPE scaling x4 (32,768 positions, the weights shared by a link), as a
+  context-extension fine-tune would; RoPE has no table, so the memory is the same.
 
 Each (model, length, variant) step runs in a fresh process (``--worker``) with glibc's mmap
 threshold pinned (``MALLOC_MMAP_THRESHOLD_=65536``, as FACTS.md and memory_validation.py: freed
@@ -77,6 +78,27 @@ def model_path(name: str, cache: Path) -> str:
         LlamaForCausalLM(config).save_pretrained(tmp)
         os.replace(tmp, path)
     return str(path)
+
+
+def extended_positions(path: str, factor: int, cache: Path) -> str:
+    """``path`` with linear RoPE scaling by ``factor``: the same weights (linked), ``factor`` times the positions."""
+    source = Path(path)
+    target = cache / f"{source.name}-rope-linear-x{factor}"
+    if not (target / "config.json").exists():
+        import tempfile
+
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache))
+        for item in source.iterdir():
+            if item.name != "config.json" and not item.name.startswith("."):
+                (tmp / item.name).symlink_to(item.resolve())
+        config = json.loads((source / "config.json").read_text())
+        rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
+        config["rope_parameters"] = dict(rope, rope_type="linear", factor=float(factor))
+        config["max_position_embeddings"] = config["max_position_embeddings"] * factor
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        os.replace(tmp, target)
+    return str(target)
 
 
 # -- one step in a fresh process -----------------------------------------------------------------
@@ -235,10 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_max:
             continue
         limit = args.max_probe
-        if name == "smollm2":
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
-            limit = min(limit, AutoConfig.from_pretrained(path).max_position_embeddings)
+        if AutoConfig.from_pretrained(path).max_position_embeddings < limit:  # SmolLM2: 8,192
+            path = extended_positions(path, 4, args.cache)
+        limit = min(limit, AutoConfig.from_pretrained(path).max_position_embeddings)
         found = {}
         for variant in VARIANTS:
             known = {t: r[variant]["peak"] for t, r in rows.items() if "peak" in r[variant]}

@@ -19,6 +19,7 @@ from .bottleneck import MODULE_NAMES
 from .config import QuantizationConfig
 from .errors import AdapterLoadError, AdapterNameError, ConfigError, TargetModulesError
 from .lora import LoraLinear
+from .matmul import resolve_fast_frozen_matmul
 from .names import validate_adapter_name
 from .peft_format import ARTIFACT_FILES, CONFIG_NAME, Artifact, read_artifact
 from .quantization import adopt_or_quantize, freeze_backbone, is_linear, is_quantized_linear, linear_shape
@@ -300,6 +301,7 @@ def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_traina
             base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
             quantization=quant if quant.bits is not None else None,
             compute_dtype=dtype,
+            fast_frozen_matmul=resolve_fast_frozen_matmul(None),
         )
         # The same model prepare_model makes.
         state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))

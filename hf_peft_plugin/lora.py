@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .dropout import LoraDropout
 from .errors import AdapterNameError, ConfigError, MergeError
+from .matmul import frozen_matmul
 from .quantization import (
     dequantized_weight,
     frozen_dense_weight,
@@ -186,7 +187,8 @@ class LoraLinear(ReadsAdapterState, nn.Module):
             a = self.lora_A[name].weight
             lora += [self.lora_B[name].weight, F.linear(self.lora_dropout[name](flat), a)]
         scalings = tuple(self.scaling[n] for n in self.active_adapters)
-        out = _FrozenLinearWithLora.apply(weight, scalings, self.base_layer.bias, flat, *lora)
+        fast = self._adapter_state.fast_frozen_matmul
+        out = _FrozenLinearWithLora.apply(weight, scalings, fast, self.base_layer.bias, flat, *lora)
         return out.view(*shape[:-1], out.shape[-1])
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +314,8 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     is accumulated into the base GEMM's output by ``addmm_``), the ``scaling * B`` copy and four
     autograd nodes. ``weight()`` gives the dense frozen weight in ``x``'s dtype; a 4-bit one is
     dequantized in the forward and again in the backward, never kept (as bitsandbytes does).
+    With ``fast`` the two frozen GEMMs take :mod:`~hf_peft_plugin.matmul`'s bf16 mode on a CPU; the
+    LoRA GEMMs never do.
 
     Nothing is handed to ``save_for_backward``: ``x`` is not needed (no weight gradient for the
     frozen base), ``B_i`` are parameters, and ``h_i`` (tokens x r, r/in of ``x``'s size) is kept on
@@ -321,27 +325,32 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scalings, bias, x, *lora):
+    def forward(ctx, weight, scalings, fast, bias, x, *lora):
         w = weight()
-        out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+        with frozen_matmul(fast, x.device):
+            out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
         for i, s in enumerate(scalings):
             b, h = lora[2 * i], lora[2 * i + 1]
             out.addmm_(h, b.t(), alpha=s)
-        ctx.weight, ctx.scalings, ctx.has_bias = weight, scalings, bias is not None
+        ctx.weight, ctx.scalings, ctx.fast, ctx.has_bias = weight, scalings, fast, bias is not None
         ctx.lora = [t.detach() for t in lora]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = torch.mm(grad, ctx.weight()) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[4]:
+            w = ctx.weight()
+            with frozen_matmul(ctx.fast, grad.device):
+                grad_x = torch.mm(grad, w)
         grads: list[torch.Tensor | None] = []
         for i, s in enumerate(ctx.scalings):
             b, h = ctx.lora[2 * i], ctx.lora[2 * i + 1]
-            grad_b = torch.mm(grad.t(), h).mul_(s) if ctx.needs_input_grad[4 + 2 * i] else None
-            grad_h = torch.mm(grad, b).mul_(s) if ctx.needs_input_grad[5 + 2 * i] else None
+            grad_b = torch.mm(grad.t(), h).mul_(s) if ctx.needs_input_grad[5 + 2 * i] else None
+            grad_h = torch.mm(grad, b).mul_(s) if ctx.needs_input_grad[6 + 2 * i] else None
             grads += [grad_b, grad_h]
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (None, None, grad_bias, grad_x, *grads)
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (None, None, None, grad_bias, grad_x, *grads)
 
 
 def was_conv1d(layer: nn.Module) -> bool:

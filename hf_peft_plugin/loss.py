@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .matmul import frozen_matmul
+from .state import adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +110,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     the gradients this function computes in its forward."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, divisor, head, chunk, scale, softcap, grad_enabled, *params):
+    def forward(ctx, hidden, targets, divisor, head, chunk, scale, softcap, grad_enabled, fast, *params):
         need_hidden = grad_enabled and hidden.requires_grad
         trainable = [p for p in params if grad_enabled and p.requires_grad]
         want_grads = need_hidden or bool(trainable)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # A frozen head's GEMMs (the logits and the hidden states' gradient) may take the fast mode;
+        # a head with trainable parameters (LoRA on lm_head) computes its own base GEMM that way.
+        fast_head = fast and not any(p.requires_grad for p in params)
         for start in range(0, hidden.shape[0], chunk):
-            with torch.enable_grad():
+            with torch.enable_grad(), frozen_matmul(fast_head, hidden.device):
                 rows = hidden[start : start + chunk].detach().requires_grad_(need_hidden)
                 # One expression: the logits are freed once log_softmax has its output (what its backward reads).
                 loss = F.cross_entropy(
@@ -124,7 +129,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 )
             if want_grads:
                 inputs = ([rows] if need_hidden else []) + trainable
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+                with frozen_matmul(fast_head, hidden.device):
+                    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
                 if need_hidden:
                     grad_hidden[start : start + chunk] = grads[0]
                     grads = grads[1:]
@@ -150,7 +156,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grads = iter(g * factor for g in saved)
         dtypes = iter(ctx.dtypes)
         param_grads = [next(grads).to(next(dtypes)) if trainable else None for trainable in ctx.trainable]
-        return (grad_hidden, None, None, None, None, None, None, None, *param_grads)
+        return (grad_hidden, None, None, None, None, None, None, None, None, *param_grads)
 
 
 def _transformed(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
@@ -173,13 +179,15 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     scale: float = 1.0,
     softcap: float | None = None,
+    fast_frozen_matmul: bool = False,
 ) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss(transform(head(hidden)), labels, ...)`` without the full logits.
 
     ``hidden`` is ``(batch, seq, hidden)``, ``labels`` ``(batch, seq)`` (shifted here, as
     transformers does) or ``shift_labels`` already aligned with ``hidden``. Only positions whose
     target is not ``ignore_index`` reach ``head``. ``params``: the head's parameters (those that
-    require grad get gradients)."""
+    require grad get gradients). ``fast_frozen_matmul``: a frozen head's GEMMs take
+    :mod:`~hf_peft_plugin.matmul`'s bf16 mode on a CPU."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
@@ -205,6 +213,7 @@ def chunked_cross_entropy(
         scale,
         softcap,
         torch.is_grad_enabled(),
+        fast_frozen_matmul,
         *params,
     )
 
@@ -336,6 +345,7 @@ def _forward_with_chunked_loss(model: nn.Module, original: Callable[..., Any], k
         chunk_size=config.tokens_per_chunk(model.config.get_text_config().vocab_size),
         scale=scale,
         softcap=softcap,
+        fast_frozen_matmul=getattr(adapter_state(model), "fast_frozen_matmul", False),
     )
     fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
     return type(output)(loss=loss, **fields)

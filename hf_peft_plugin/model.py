@@ -18,7 +18,9 @@ from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, Quantizati
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
 from .fsdp import FSDP_QUANT_STORAGE, check_unit, check_units_exist, require_distributed, shard_model, unit_sharder
 from .lora import LoraLinear
+from .mapped_files import release_checkpoint_mapping
 from .loss import ChunkedLossConfig, configure_chunked_loss
+from .matmul import resolve_fast_frozen_matmul
 from .offload import OFFLOAD_ATTRIBUTE, OffloadStats
 from .names import validate_adapter_name
 from .packing import guard_packed_batches
@@ -69,6 +71,7 @@ def prepare_model(
     chunked_loss: bool = True,
     loss_chunk_size: int | None = None,
     offload_activations: bool = False,
+    fast_frozen_matmul: bool | None = None,
     adapter_name: str = "default",
     task_type: str | None = None,
     **from_pretrained_kwargs: Any,
@@ -89,6 +92,12 @@ def prepare_model(
 
         model = prepare_model("HuggingFaceTB/SmolLM2-135M", bits=4, lora=LoraConfig(r=16, alpha=32))
         Trainer(model=model, args=args, train_dataset=ds, callbacks=[AdapterCallback()]).train()
+
+    ``fast_frozen_matmul`` (default ``None``: where available): on CPUs with AVX512-BF16/AMX-BF16,
+    the frozen weights' float32 GEMMs (LoRA layers' base, forward and input gradient; a frozen
+    ``lm_head`` in the chunked loss) run in oneDNN's bf16 mode, float32 in and out, checked once
+    against strict float32 (see :mod:`hf_peft_plugin.matmul`); ``False`` leaves them to torch's
+    own setting, ``True`` raises where the mode is not available.
 
     ``fsdp=True`` shards the frozen base across the ranks of ``torch.distributed`` (FSDP2, one unit
     per decoder block; adapters replicated; see :mod:`hf_peft_plugin.fsdp` and docs/distributed.md);
@@ -112,6 +121,7 @@ def prepare_model(
             "offload_activations keeps the inputs gradient checkpointing saves in host memory; pass "
             "gradient_checkpointing=True with it."
         )
+    fast_matmul = resolve_fast_frozen_matmul(fast_frozen_matmul)
     validate_adapter_name(adapter_name)
     if task_type is not None and task_type not in TASK_AUTO_CLASSES:
         raise ConfigError(f"task_type must be one of {sorted(TASK_AUTO_CLASSES)}; got {task_type!r}.")
@@ -168,6 +178,7 @@ def prepare_model(
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         quantization=quant if quant.bits is not None else None,
         compute_dtype=dtype,
+        fast_frozen_matmul=fast_matmul,
     )
     if files is not None:
         units = check_units_exist(model)
@@ -185,6 +196,7 @@ def prepare_model(
         enable_gradient_checkpointing(model)
     if fsdp:
         shard_model(model)
+    release_checkpoint_mapping(model)  # a CPU model's checkpoint pages leave the RSS (mapped_files.py)
     return model
 
 

@@ -113,9 +113,9 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) ->
 def frozen_dense_weight(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """For LoRA's fused path: a function giving ``layer``'s frozen dense weight in ``x``'s dtype,
     or ``None`` where the path does not apply (then the layer runs as is). It applies to float32
-    inputs of a frozen ``nn.Linear`` or a bitsandbytes 4-bit layer in the standard layout that
-    computes in float32; 8-bit layers, half-precision compute, GPT-2's ``Conv1D`` and sharded
-    (DTensor) weights take the unfused path."""
+    inputs of a frozen ``nn.Linear``, a bitsandbytes 4-bit layer in the standard layout that
+    computes in float32, or an 8-bit layer training on a CPU; 8-bit layers elsewhere,
+    half-precision compute, GPT-2's ``Conv1D`` and sharded (DTensor) weights take the unfused path."""
     if x.dtype != torch.float32 or x.dim() < 2:
         return None
     weight = layer.weight
@@ -124,6 +124,8 @@ def frozen_dense_weight(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch
             return None
         return weight.detach
     bnb = _bnb_if_present()
+    if bnb is not None and type(layer) is bnb.nn.Linear8bitLt:
+        return _frozen_int8_weight(layer, x)
     if bnb is None or type(layer) is not bnb.nn.Linear4bit or layer.compute_dtype not in (None, torch.float32):
         return None
     state = getattr(weight, "quant_state", None)
@@ -133,6 +135,29 @@ def frozen_dense_weight(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch
         return None
     data = weight.data
     return lambda: bnb.functional.dequantize_4bit(data, state)
+
+
+def _frozen_int8_weight(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """An 8-bit layer training on a CPU: bitsandbytes computes ``x (CB * SCB / 127)^T + b`` there
+    (``MatMul8bitFp``, whatever the outlier threshold), so the fused path takes the same weight,
+    bit for bit, without bitsandbytes keeping ``x`` for a weight gradient it never needs. On GPUs,
+    and in eval mode, bitsandbytes runs its int8 kernels instead: the layer then runs as is."""
+    weight = layer.weight
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = layer.state.SCB
+    if (
+        x.device.type != "cpu"
+        or not layer.training
+        or layer.state.has_fp16_weights
+        or scb is None
+        or weight.dtype != torch.int8
+        or type(weight.data) is not torch.Tensor
+        or (layer.bias is not None and layer.bias.requires_grad)
+    ):
+        return None
+    data = weight.data
+    return lambda: data.to(torch.float32).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
 def unpack_cpu_4bit(layer: nn.Module) -> None:

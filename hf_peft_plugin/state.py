@@ -85,6 +85,8 @@ class AdapterState:
     merged: list[str] = field(default_factory=list)
     #: Handles of the hooks the package registered, by owner (a module path, or ``"norms"``).
     hooks: dict[str, list[RemovableHandle]] = field(default_factory=dict)
+    #: GEMMs with a frozen weight use the CPU's bf16 mode (:mod:`~hf_peft_plugin.matmul`).
+    fast_frozen_matmul: bool = False
     #: Bumped on every change of ``active``/``disabled``/``merged``: layers re-derive their view then.
     version: int = 0
 

@@ -38,7 +38,7 @@ def _run(layer: LoraLinear, x: torch.Tensor, fused: bool, monkeypatch) -> tuple[
     return out.detach(), {"x": x.grad, **grads}
 
 
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, 4, 8])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_path_matches_the_unfused_one(bits, bias, dropout, monkeypatch):
@@ -58,7 +58,10 @@ def test_fused_path_applies_only_where_it_is_exact():
     linear = nn.Linear(32, 48).requires_grad_(False)
     assert frozen_dense_weight(linear, x) is not None
     assert frozen_dense_weight(linear, x.bfloat16()) is None  # half-precision compute: unfused
-    assert frozen_dense_weight(quantized_layer(linear, QuantizationConfig(bits=8), torch.float32), x) is None
+    int8 = quantized_layer(linear, QuantizationConfig(bits=8), torch.float32)
+    assert frozen_dense_weight(int8.train(), x) is not None  # CPU training: bitsandbytes dequantizes too
+    assert frozen_dense_weight(int8.eval(), x) is None  # eval: bitsandbytes' int8 kernel, run as is
+    assert frozen_dense_weight(int8.train(), x.to("meta")) is None  # other devices: the same
     assert frozen_dense_weight(quantized_layer(linear, QuantizationConfig(bits=4), torch.bfloat16), x) is None
     assert frozen_dense_weight(nn.Linear(32, 48), x) is None  # a trainable weight
     layer = _layer(4, False, 0.0)

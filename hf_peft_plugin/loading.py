@@ -37,6 +37,7 @@ def load_adapter(
     adapter_name: str = "default",
     subfolder: str | None = None,
     strict: bool = False,
+    fast_frozen_matmul: bool | None = None,
 ) -> nn.Module:
     """Attach a saved adapter (this package's or peft's) to ``model``; returns ``model``.
 
@@ -49,8 +50,15 @@ def load_adapter(
     does not look like the one the adapter was saved for, a config that is not the one saved with
     the weights, or weights holding NaN/inf, are warnings naming the problem; errors with
     ``strict=True``. Everything is checked before the model is touched: on error it is left exactly
-    as it was.
+    as it was. ``fast_frozen_matmul``: as in ``prepare_model``, for a model not prepared before (a
+    prepared one keeps its own setting).
     """
+    if adapter_state(model) is not None and fast_frozen_matmul is not None:
+        raise ConfigError(
+            "fast_frozen_matmul is prepare_model's setting on a prepared model; leave it None here (the model "
+            "keeps the one it was prepared with)."
+        )
+    fast_matmul = resolve_fast_frozen_matmul(fast_frozen_matmul) if adapter_state(model) is None else False
     validate_adapter_name(adapter_name)
     state = adapter_state(model)
     if state is not None and adapter_name in state.adapters:
@@ -73,7 +81,7 @@ def load_adapter(
     _check_base(model, artifact, task_type, strict)
     plan = _plan(model, artifact, task_type, adapter_name)
     _check_problems(artifact, strict)  # after the precise errors (shapes, base): they say more
-    _attach(model, state, plan, is_trainable)
+    _attach(model, state, plan, is_trainable, fast_matmul)
     return model
 
 
@@ -291,7 +299,7 @@ def _check_state_dict(
             )
 
 
-def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_trainable: bool) -> None:
+def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_trainable: bool, fast_matmul: bool) -> None:
     name = plan.adapters.name
     fresh = state is None
     if fresh:
@@ -301,7 +309,7 @@ def _attach(model: nn.Module, state: AdapterState | None, plan: _Plan, is_traina
             base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
             quantization=quant if quant.bits is not None else None,
             compute_dtype=dtype,
-            fast_frozen_matmul=resolve_fast_frozen_matmul(None),
+            fast_frozen_matmul=fast_matmul,
         )
         # The same model prepare_model makes.
         state.add_hooks(NORM_HOOKS, freeze_backbone(model, quantized=quant.bits is not None))

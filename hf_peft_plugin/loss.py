@@ -117,9 +117,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # A frozen head's GEMMs (the logits and the hidden states' gradient) may take the fast mode;
-        # a head with trainable parameters (LoRA on lm_head) computes its own base GEMM that way.
-        fast_head = fast and not any(p.requires_grad for p in params)
+        # A frozen plain head's GEMMs (the logits and the hidden states' gradient) may take the fast
+        # mode; a LoRA-wrapped head (LoRA on lm_head) runs its own base GEMM that way, and its LoRA
+        # GEMMs strict, whether it trains or not.
+        fast_head = fast and type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
         for start in range(0, hidden.shape[0], chunk):
             with torch.enable_grad(), frozen_matmul(fast_head, hidden.device):
                 rows = hidden[start : start + chunk].detach().requires_grad_(need_hidden)

@@ -2,16 +2,20 @@
 
 On CPUs with AVX512-BF16 or AMX-BF16, oneDNN can run a float32 GEMM with bf16 arithmetic inside
 (torch's ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): float32 in, float32 out,
-float32 accumulation. On the AVX512-BF16 machine this package was measured on it was 2.2-2.5x
+float32 accumulation. On the AVX512-BF16 machine this package was measured on it was 2.0-2.3x
 faster than the default float32 GEMM, with a relative error of ~1e-6, 2-3x float32's own
-rounding (benchmarks/README.md). The frozen base's GEMMs are most of a LoRA step on a CPU, and a
-4-bit base's weights carry quantization error orders of magnitude larger, so this package runs
-those GEMMs (the frozen weight of every LoRA layer, forward and input gradient, and a frozen
-``lm_head`` in the chunked loss) that way; the trainable LoRA GEMMs, the optimizer and everything
-else keep strict float32.
+rounding (benchmarks/README.md, "frozen GEMMs in the CPU's bf16 mode"). The frozen base's GEMMs
+are most of a LoRA step on a CPU, and a 4-bit base's weights carry quantization error orders of
+magnitude larger, so this package runs those GEMMs that way in training: the base GEMMs of LoRA
+layers on the fused path (:class:`~hf_peft_plugin.lora._FrozenLinearWithLora`, forward and input
+gradient) and a frozen plain ``nn.Linear`` head in the chunked loss. LoRA's own GEMMs, the
+optimizer, eval and ``no_grad`` forwards keep strict float32, so training and eval logits can
+differ by that ~1e-6.
 
-The setting is torch-global, so it is set around each frozen GEMM and restored right after: a
-user's own setting, and their other code, are left as they were. It is used only where
+The setting is torch-global, so it is set around each frozen GEMM and restored right after (a
+lock and a depth count keep nested and concurrent uses from leaving it set): a user's own setting
+is left as it was, though another thread's float32 CPU GEMMs run in the mode while one of these
+is running. It is used only where
 :func:`fast_frozen_matmul_status` finds bf16 units and a probe GEMM that the mode changes but
 keeps within ``PROBE_TOLERANCE`` of strict float32 (an implementation that rounds the inputs to
 plain bf16, ~4e-3, is refused). ``prepare_model(..., fast_frozen_matmul=False)`` turns it off and
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,36 +51,71 @@ def _cpu_has_bf16_units() -> bool:
     return any(flag in flags for flag in _CPU_FLAGS)
 
 
+_lock = threading.Lock()
+_depth = 0
+_saved = "none"
+
+
 @contextlib.contextmanager
 def _precision(mode: str) -> Iterator[None]:
+    """``mode`` for the outermost of nested (or concurrent) uses, then the setting found before it."""
+    global _depth, _saved
     settings = torch.backends.mkldnn.matmul
-    previous = settings.fp32_precision
-    settings.fp32_precision = mode
+    with _lock:
+        if _depth == 0:
+            _saved = settings.fp32_precision
+            settings.fp32_precision = mode
+        _depth += 1
     try:
         yield
     finally:
-        settings.fp32_precision = previous
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                settings.fp32_precision = _saved
+
+
+def _strict_and_fast(compute) -> tuple[torch.Tensor, torch.Tensor]:
+    settings = torch.backends.mkldnn.matmul
+    with _lock:  # the probe sets both values itself, outside any use of _precision
+        previous = settings.fp32_precision
+        try:
+            settings.fp32_precision = "ieee"
+            strict = compute()
+            settings.fp32_precision = "bf16"
+            fast = compute()
+        finally:
+            settings.fp32_precision = previous
+    return strict, fast
 
 
 def probe_error() -> float:
-    """max |bf16-mode GEMM - strict float32 GEMM| / max |strict| on a fixed 256 x 512 x 256 probe."""
+    """The worst max |bf16-mode GEMM - strict float32 GEMM| / max |strict| over probes in the
+    layouts the frozen GEMMs use: ``x @ W^T`` with a bias (the forward), ``g @ W`` (the input
+    gradient) and a long reduction (a wide head's gradient)."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 512, generator=generator)
-    b = torch.randn(512, 256, generator=generator)
-    with _precision("ieee"):
-        strict = a @ b
-    with _precision("bf16"):
-        fast = a @ b
-    return ((fast - strict).abs().max() / strict.abs().max()).item()
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    x, w, bias, g, rows, wide = randn(256, 512), randn(384, 512), randn(384), randn(128, 384), randn(64, 8192), randn(8192, 256)
+    probes = (lambda: torch.addmm(bias, x, w.t()), lambda: torch.mm(g, w), lambda: torch.mm(rows, wide))
+    worst = 0.0
+    for compute in probes:
+        strict, fast = _strict_and_fast(compute)
+        worst = max(worst, ((fast - strict).abs().max() / strict.abs().max()).item())
+    return worst
 
 
 @functools.cache
 def fast_frozen_matmul_status() -> str | None:
     """``None`` when frozen GEMMs can run in the fast mode here, else why not (for the log and errors)."""
+    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        return f"torch {torch.__version__} has no torch.backends.mkldnn.matmul.fp32_precision (torch >= 2.9 has)"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
     if not _cpu_has_bf16_units():
-        return f"this CPU has none of {', '.join(_CPU_FLAGS)} (lscpu flags)"
+        return f"this CPU has none of {', '.join(_CPU_FLAGS)} (/proc/cpuinfo flags)"
     error = probe_error()
     if error == 0.0:
         return "oneDNN does not take the bf16 mode for float32 GEMMs here (no change in a probe GEMM)"
@@ -102,7 +142,9 @@ def resolve_fast_frozen_matmul(requested: bool | None) -> bool:
 
 
 def frozen_matmul(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """The context for a GEMM with a frozen weight: the fast mode on a CPU tensor when ``enabled``."""
-    if enabled and device.type == "cpu":
+    """The context for a GEMM with a frozen weight: the fast mode on a CPU tensor when ``enabled``
+    and this machine passes the probe (checked again here, cached: a model copied to another host
+    does not carry the first host's answer)."""
+    if enabled and device.type == "cpu" and fast_frozen_matmul_status() is None:
         return _precision("bf16")
     return contextlib.nullcontext()

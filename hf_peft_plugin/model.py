@@ -18,8 +18,8 @@ from .config import BottleneckConfig, LoraConfig, PromptTuningConfig, Quantizati
 from .errors import AdapterNameError, AlreadyPreparedError, ConfigError, MergeError, NotATransformersModelError
 from .fsdp import FSDP_QUANT_STORAGE, check_unit, check_units_exist, require_distributed, shard_model, unit_sharder
 from .lora import LoraLinear
-from .mapped_files import release_checkpoint_mapping
 from .loss import ChunkedLossConfig, configure_chunked_loss
+from .mapped_files import drop_unread_checkpoint_pages
 from .matmul import resolve_fast_frozen_matmul
 from .offload import OFFLOAD_ATTRIBUTE, OffloadStats
 from .names import validate_adapter_name
@@ -196,7 +196,7 @@ def prepare_model(
         enable_gradient_checkpointing(model)
     if fsdp:
         shard_model(model)
-    release_checkpoint_mapping(model)  # a CPU model's checkpoint pages leave the RSS (mapped_files.py)
+    drop_unread_checkpoint_pages(model)  # a CPU model's RSS lets go of what only the loader read (mapped_files.py)
     return model
 
 

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .dropout import LoraDropout
 from .errors import AdapterNameError, ConfigError, MergeError
-from .matmul import frozen_matmul
+from .matmul import frozen_mm
 from .quantization import (
     dequantized_weight,
     frozen_dense_weight,
@@ -327,8 +327,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scalings, fast, bias, x, *lora):
         w = weight()
-        with frozen_matmul(fast, x.device):
-            out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+        out = frozen_mm(x, w.t(), fast, None if bias is None else bias.to(x.dtype))
         for i, s in enumerate(scalings):
             b, h = lora[2 * i], lora[2 * i + 1]
             out.addmm_(h, b.t(), alpha=s)
@@ -338,11 +337,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = None
-        if ctx.needs_input_grad[4]:
-            w = ctx.weight()
-            with frozen_matmul(ctx.fast, grad.device):
-                grad_x = torch.mm(grad, w)
+        grad_x = frozen_mm(grad, ctx.weight(), ctx.fast) if ctx.needs_input_grad[4] else None
         grads: list[torch.Tensor | None] = []
         for i, s in enumerate(ctx.scalings):
             b, h = ctx.lora[2 * i], ctx.lora[2 * i + 1]

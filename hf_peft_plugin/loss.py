@@ -120,13 +120,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # A frozen plain head's GEMMs (the logits and the hidden states' gradient) may take the fast
         # mode; a LoRA-wrapped head (LoRA on lm_head) runs its own base GEMM that way, and its LoRA
         # GEMMs strict, whether it trains or not.
-        fast_head = fast and type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+        # Full chunks only: one GEMM shape, so oneDNN compiles one kernel (see matmul.FAST_ROW_BLOCKS).
+        frozen_head = fast and type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
         for start in range(0, hidden.shape[0], chunk):
+            count = min(chunk, hidden.shape[0] - start)
+            # The last chunk, if at least half full, is padded to a full one (rows labelled -100).
+            fast_head = frozen_head and 2 * count >= chunk
             with torch.enable_grad(), frozen_matmul(fast_head, hidden.device):
                 rows = hidden[start : start + chunk].detach().requires_grad_(need_hidden)
+                inputs, labels = rows, targets[start : start + chunk]
+                if fast_head and count < chunk:
+                    inputs, labels = F.pad(rows, (0, 0, 0, chunk - count)), F.pad(labels, (0, chunk - count), value=IGNORE_INDEX)
                 # One expression: the logits are freed once log_softmax has its output (what its backward reads).
                 loss = F.cross_entropy(
-                    _transformed(head(rows).float(), scale, softcap), targets[start : start + chunk], reduction="sum"
+                    _transformed(head(inputs).float(), scale, softcap), labels, reduction="sum", ignore_index=IGNORE_INDEX
                 )
             if want_grads:
                 inputs = ([rows] if need_hidden else []) + trainable

@@ -12,6 +12,9 @@ gradient) and a frozen plain ``nn.Linear`` head in the chunked loss. LoRA's own 
 optimizer, eval and ``no_grad`` forwards keep strict float32, so training and eval logits can
 differ by that ~1e-6.
 
+The GEMMs run in fixed row blocks (:data:`FAST_ROW_BLOCKS`), so that oneDNN's per-shape kernel
+cache stays small under padding-free batches, whose token count changes every step.
+
 The setting is torch-global, so it is set around each frozen GEMM and restored right after (a
 lock and a depth count keep nested and concurrent uses from leaving it set): a user's own setting
 is left as it was, though another thread's float32 CPU GEMMs run in the mode while one of these
@@ -139,6 +142,40 @@ def resolve_fast_frozen_matmul(requested: bool | None) -> bool:
     if reason is not None:
         logger.info("Frozen GEMMs stay strict float32: %s.", reason)
     return reason is None
+
+
+#: Row counts the fast mode's GEMMs run in. oneDNN compiles and caches a kernel (~1 MiB measured)
+#: for each GEMM shape it meets, up to 1,024 of them, and padding-free batches change the token
+#: count every step: GEMMs of whatever rows came would grow the process by up to ~1 GiB. In
+#: blocks of these row counts each frozen weight meets two shapes; 32-63 leftover rows run as a
+#: zero-padded block, fewer run strict.
+FAST_ROW_BLOCKS = (256, 64)
+
+
+def frozen_mm(x: torch.Tensor, weight_t: torch.Tensor, fast: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight_t (+ bias)`` for a frozen ``weight_t``: in the fast mode, ``FAST_ROW_BLOCKS``
+    rows at a time, when ``fast`` and this machine passes the probe; else one strict GEMM."""
+    if not (fast and x.device.type == "cpu" and x.dtype == torch.float32 and fast_frozen_matmul_status() is None):
+        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    rows, last = x.shape[0], FAST_ROW_BLOCKS[-1]
+    out = torch.empty(rows, weight_t.shape[1], dtype=x.dtype, device=x.device)
+    done = 0
+    with _precision("bf16"):
+        for block in FAST_ROW_BLOCKS:
+            while rows - done >= block:
+                torch.mm(x[done : done + block], weight_t, out=out[done : done + block])
+                done += block
+        left = rows - done
+        if 2 * left >= last:  # a zero-padded block in the mode costs less than these rows strict
+            padded = x.new_zeros(last, x.shape[1])
+            padded[:left] = x[done:]
+            out[done:] = torch.mm(padded, weight_t)[:left]
+            done = rows
+    if done < rows:
+        torch.mm(x[done:], weight_t, out=out[done:])
+    if bias is not None:
+        out += bias
+    return out
 
 
 def frozen_matmul(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -3,6 +3,8 @@ scoped to the frozen weights' GEMMs, close to strict float32, and never touching
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -108,7 +110,7 @@ def test_interleaved_uses_restore_the_setting_found_first(user_setting):
 class RecordGemms(TorchDispatchMode):
     """Each mm/addmm with its operands' shapes and the bf16 setting it ran under."""
 
-    GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+    GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,28 +118,74 @@ class RecordGemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.GEMMS:
-            a, b = args[:2] if func is torch.ops.aten.mm.default else args[1:3]
+            a, b = args[:2] if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) else args[1:3]
             self.calls.append((tuple(a.shape), tuple(b.shape), torch.backends.mkldnn.matmul.fp32_precision))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("bits", [4, 8, None])
 def test_in_a_training_step_only_frozen_weights_gemms_take_the_mode(monkeypatch, user_setting, bits):
-    """On any CPU (the mode forced on): every GEMM of LoRA's rank (3) stays strict, every other
-    one, the frozen layers' and the head's, forward and backward, runs in the mode."""
+    """On any CPU (the mode forced on): every GEMM of LoRA's rank (3) stays strict; every frozen
+    one, the layers' and the head's, forward and backward, runs in the mode in its fixed row
+    blocks (256 or 64 rows; a full loss chunk of 64), and only the rows left over run strict."""
     monkeypatch.setattr(matmul, "fast_frozen_matmul_status", lambda: None)
-    model = prepare_model(tiny_llama(), bits=bits, lora=LoraConfig(r=3), fast_frozen_matmul=True).train()
-    ids = token_batch()
+    model = prepare_model(tiny_llama(), bits=bits, lora=LoraConfig(r=3), loss_chunk_size=64, fast_frozen_matmul=True)
+    ids = token_batch(4, 70)  # 280 tokens: a block of 256 rows, 24 over; 276 labelled: 4 chunks, 20 over
     with RecordGemms() as record:
-        model(input_ids=ids, labels=ids).loss.backward()
+        model.train()(input_ids=ids, labels=ids).loss.backward()
     calls = [c for c in record.calls if 0 not in c[0] + c[1]]  # not the head's call on no rows (loss.py)
     lora = [c for c in calls if 3 in c[0] + c[1]]
     frozen = [c for c in calls if 3 not in c[0] + c[1]]
     heads = [c for c in frozen if tiny_llama().config.vocab_size in c[0] + c[1]]
     assert lora and frozen and heads  # all three kinds were seen
     assert {c[2] for c in lora} == {"ieee"}, lora
-    assert {c[2] for c in frozen} == {"bf16"}, frozen
+    for a, b, mode in frozen:
+        assert mode == ("bf16" if a[0] in matmul.FAST_ROW_BLOCKS else "ieee"), (a, b, mode)
+    assert {c[0][0] for c in frozen if c[2] == "bf16"} == {256, 64}
+    assert {c[0][0] for c in frozen if c[2] == "ieee"} == {24, 20}  # too few rows for a padded block
+    assert {c[2] for c in heads} == {"bf16", "ieee"}  # full chunks fast, the last one strict
     assert user_setting.fp32_precision == "ieee"
+
+
+def test_the_modes_gemm_shapes_do_not_follow_the_token_count(monkeypatch, user_setting):
+    """oneDNN caches a compiled kernel per GEMM shape (~1 MiB each): however many different token
+    counts come, a frozen weight meets the mode in two shapes only, and the result is the same."""
+    monkeypatch.setattr(matmul, "fast_frozen_matmul_status", lambda: None)
+    w, bias = torch.randn(48, 32), torch.ones(48)
+    inputs = [torch.randn(rows, 32) for rows in range(1, 700, 7)]
+    with RecordGemms() as record:
+        outs = [matmul.frozen_mm(x, w.t(), True, bias) for x in inputs]
+    for x, out in zip(inputs, outs):
+        torch.testing.assert_close(out, torch.addmm(bias, x, w.t()), rtol=1e-5, atol=1e-5)
+    assert {c[0] for c in record.calls if c[2] == "bf16"} == {(256, 32), (64, 32)}
+    assert {c[0][0] for c in record.calls if c[2] != "bf16"} == set(range(1, 32))  # 32-63 over: a padded block
+
+
+def test_a_padded_last_chunk_gives_the_same_loss_and_gradients(monkeypatch):
+    """The last loss chunk, at least half full, is padded to a full one (its GEMM shape is then the
+    full chunks' one); run with strict GEMMs, the padding changes nothing."""
+    from hf_peft_plugin import loss as loss_module
+
+    monkeypatch.setattr(matmul, "fast_frozen_matmul_status", lambda: None)
+    monkeypatch.setattr(loss_module, "frozen_matmul", lambda enabled, device: contextlib.nullcontext())
+    torch.manual_seed(0)
+    head = nn.Linear(32, 50, bias=True).requires_grad_(False)
+    hidden = torch.randn(2, 53, 32)
+    labels = torch.randint(0, 50, (2, 53))
+    labels[0, :4] = -100
+    results, rows = [], []
+    for fast in (False, True):  # 101 labelled tokens: one chunk of 64, then 37 (padded when fast)
+        h = hidden.clone().requires_grad_()
+        with RecordGemms() as record:
+            loss = chunked_cross_entropy(h, head, labels, chunk_size=64, fast_frozen_matmul=fast)
+            loss.backward()
+        results.append((loss.detach(), h.grad))
+        rows.append({c[0][0] for c in record.calls})
+    assert rows == [{64, 37}, {64}]
+    (loss_s, grad_s), (loss_f, grad_f) = results
+    torch.testing.assert_close(loss_f, loss_s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_f, grad_s, rtol=1e-6, atol=1e-7)
+    assert loss_s.isfinite() and grad_s.abs().sum() > 0
 
 
 def _layer(bits: int | None) -> LoraLinear:

@@ -53,14 +53,14 @@ def load_adapter(
     as it was. ``fast_frozen_matmul``: as in ``prepare_model``, for a model not prepared before (a
     prepared one keeps its own setting).
     """
-    if adapter_state(model) is not None and fast_frozen_matmul is not None:
+    state = adapter_state(model)
+    if state is not None and fast_frozen_matmul is not None:
         raise ConfigError(
             "fast_frozen_matmul is prepare_model's setting on a prepared model; leave it None here (the model "
             "keeps the one it was prepared with)."
         )
-    fast_matmul = resolve_fast_frozen_matmul(fast_frozen_matmul) if adapter_state(model) is None else False
+    fast_matmul = resolve_fast_frozen_matmul(fast_frozen_matmul) if state is None else False
     validate_adapter_name(adapter_name)
-    state = adapter_state(model)
     if state is not None and adapter_name in state.adapters:
         raise AdapterNameError(
             f"This model already has an adapter named {adapter_name!r}; pass another adapter_name or "

@@ -19,6 +19,7 @@ Nothing is copied and no tensor changes. Linux only; elsewhere nothing is done.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 from pathlib import Path
@@ -90,9 +91,13 @@ def _clean_file_runs(start: int, end: int) -> list[tuple[int, int]]:
     return [(start + a * _PAGE, start + b * _PAGE) for a, b in zip(firsts, lasts)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _advise(start: int, length: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_DONTNEED) != 0:
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_DONTNEED) != 0:
         logger.info("madvise(MADV_DONTNEED) refused (errno %d); the pages stay.", ctypes.get_errno())
         return 0
     return length
